@@ -14,13 +14,12 @@ Masking semantics shared by every kernel:
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-_SDPA_HAS_GQA = "enable_gqa" in inspect.signature(F.scaled_dot_product_attention).parameters
+# `enable_gqa` arrived in torch 2.5; older versions get repeated k/v.
+_SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
 def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
