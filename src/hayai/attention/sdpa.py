@@ -33,8 +33,8 @@ def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
 class AttentionKernel(nn.Module):
     """Strategy interface: an attention kernel is a parameter-free module the attention layer calls.
 
-    Replacing `layer.self_attn.kernel` with another `AttentionKernel` (blocked FlashAttention, Triton, S²-Attn)
-    changes how attention is computed without touching the model.
+    Replacing `layer.self_attn.kernel` with another `AttentionKernel` (blocked FlashAttention, Triton,
+    S²-Attn) changes how attention is computed without touching the model.
     """
 
     def forward(
