@@ -117,6 +117,24 @@ def _compact_targets(wanted: list[str], universe: list[str], modules_to_save: li
     return compact_names(wanted, universe, rule)
 
 
+def deviation_patterns(values: dict[str, float], default: float) -> dict[str, float]:
+    """rank_pattern / alpha_pattern entries for the modules whose value differs from `default`: the last name
+    component when every module with that component shares the value, else the escaped full name."""
+    by_leaf: dict[str, set] = {}
+    for name, value in values.items():
+        by_leaf.setdefault(name.rsplit(".", 1)[-1], set()).add(value)
+    patterns: dict[str, float] = {}
+    for name, value in values.items():
+        leaf = name.rsplit(".", 1)[-1]
+        if value == default:
+            continue
+        if by_leaf[leaf] == {value}:
+            patterns[re.escape(leaf)] = value
+        else:
+            patterns[re.escape(name)] = value
+    return patterns
+
+
 def _lora_config(
     layers: dict[str, nn.Module], targets: list[str], modules_to_save: list[str] | None
 ) -> LoraConfig:
@@ -136,8 +154,8 @@ def _lora_config(
         lora_dropout=_most_common(dropouts),
         use_rslora=rslora.pop(),
         modules_to_save=modules_to_save,
-        rank_pattern={re.escape(n): v for n, v in ranks.items() if v != r},
-        alpha_pattern={re.escape(n): v for n, v in alphas.items() if v != alpha},
+        rank_pattern=deviation_patterns(ranks, r),
+        alpha_pattern=deviation_patterns(alphas, alpha),
     )
 
 
@@ -295,7 +313,8 @@ def apply_adapter(
     if trainable:
         params = dict(model.named_parameters(remove_duplicate=False))
         for key in adapter.tensors:
-            params[key].requires_grad_(True)
+            if ".base_layer." not in key:  # a saved embedding base stays frozen, as in PEFT
+                params[key].requires_grad_(True)
         for name in names:
             for parameter in adapter_layers(model)[name].adapter_parameters().values():
                 parameter.requires_grad_(True)

@@ -20,7 +20,6 @@ target the same modules.
 from __future__ import annotations
 
 import math
-import re
 from collections import Counter
 from collections.abc import Sequence
 from typing import Literal
@@ -28,7 +27,7 @@ from typing import Literal
 import torch
 
 from hayai.errors import ConfigError
-from hayai.peft.adapter import Adapter
+from hayai.peft.adapter import Adapter, deviation_patterns
 from hayai.peft.config import IA3Config, LoraConfig, TargetSpec
 
 CombinationType = Literal["svd", "linear", "cat"]
@@ -139,7 +138,7 @@ def combine_lora(
         tensors[key_a], tensors[key_b] = a.to(dtype).contiguous(), b.to(dtype).contiguous()
         ranks[module] = a.shape[0]
     common = Counter(ranks.values()).most_common(1)[0][0]
-    odd = {re.escape(m): r for m, r in ranks.items() if r != common}
+    odd = deviation_patterns(ranks, common)
     config = LoraConfig(
         target_modules=_union_targets(configs, modules),
         r=common,
