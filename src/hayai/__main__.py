@@ -1,0 +1,5 @@
+"""`python -m hayai` runs the CLI."""
+
+from hayai.cli import main
+
+main()

@@ -1,0 +1,97 @@
+"""The Python facade: `hayai.load(...)` returns an `LLM` that generates and chats.
+
+    import hayai
+    llm = hayai.load()                      # the default model, pulled and converted on first use
+    print(llm.generate("Name three primary colours."))
+    for piece in llm.stream("Count to five."):
+        print(piece, end="", flush=True)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from hayai.decode.engine import Completion, DecodeStrategy, Engine, TextStream
+from hayai.decode.sampling import SamplingParams
+from hayai.models.loading import ModelInfo, Progress, load_model
+from hayai.models.tokenizer import Message, Tokenizer
+from hayai.runtime import configure_threads, resolve_device, resolve_dtype
+
+
+class LLM:
+    """A loaded model with its tokenizer and generation engine."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, info: ModelInfo):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.info = info
+        self.engine = Engine(model, tokenizer)
+        self.last_completion: Completion | None = None
+
+    def __repr__(self) -> str:
+        return f"LLM({self.info.name!r}, dtype={self.model.dtype}, device={self.model.device})"
+
+    # ---- prompts ---------------------------------------------------------------------------------------------
+    def prompt_ids(self, prompt: str | Sequence[Message], *, raw: bool = False,
+                   system: str | None = None) -> list[int]:
+        """Token ids for a prompt: chat-formatted for chat models unless `raw`, or a message list as is."""
+        if not isinstance(prompt, str):
+            return self.tokenizer.encode_chat(list(prompt))
+        if raw or not self.tokenizer.has_chat_template:
+            return self.tokenizer.encode(prompt)
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": prompt}]
+        return self.tokenizer.encode_chat(messages)
+
+    # ---- generation ------------------------------------------------------------------------------------------
+    def stream(self, prompt: str | Sequence[Message], *, raw: bool = False, system: str | None = None,
+               max_tokens: int = 256, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+               seed: int | None = None, stop: Sequence[str] = (), truncate: bool = False,
+               strategy: DecodeStrategy | None = None) -> TextStream:
+        """Iterate over text pieces as they are generated; `.completion` has the text, ids and stats after."""
+        sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        stream = self.engine.stream(self.prompt_ids(prompt, raw=raw, system=system), max_new_tokens=max_tokens,
+                                    sampling=sampling, stop=stop, truncate=truncate, strategy=strategy)
+        return _Remembering(stream, self)
+
+    def generate(self, prompt: str | Sequence[Message], **kwargs: Any) -> str:
+        """The whole answer as a string. Keyword arguments as for `stream`; stats in `last_completion`."""
+        stream = self.stream(prompt, **kwargs)
+        for _ in stream:
+            pass
+        return stream.completion.text
+
+    def chat(self, messages: str | Sequence[Message], **kwargs: Any) -> str:
+        """Answer the last user message of a conversation (a list of {'role', 'content'} dicts)."""
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        return self.generate(list(messages), **kwargs)
+
+
+class _Remembering(TextStream):
+    """A TextStream that records its completion on the LLM when iteration ends."""
+
+    def __init__(self, inner: TextStream, llm: LLM):
+        super().__init__(iter(()), lambda: None)
+        self._inner, self._llm = inner, llm
+
+    def __iter__(self):
+        yield from self._inner
+        self.completion = self._inner.completion
+        self._llm.last_completion = self.completion
+
+
+def load(name_or_path: str | None = None, *, dtype: str | torch.dtype = "auto", device: str = "auto",
+         threads: int | None = None, verify: bool = True, progress: Progress | None = None) -> LLM:
+    """Load a model: a store name, a known name (pulled on first use), an HF checkpoint dir or a .gguf file.
+
+    dtype "auto" is bf16 on GPUs and on CPUs with native bf16 (AVX512-BF16/AMX), fp32 elsewhere.
+    """
+    configure_threads(threads)
+    target = resolve_device(device)
+    model, tokenizer, info = load_model(name_or_path, dtype=resolve_dtype(dtype, target), device=target,
+                                        verify=verify, progress=progress)
+    return LLM(model, tokenizer, info)

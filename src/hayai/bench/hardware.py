@@ -1,0 +1,108 @@
+"""What machine is this? CPU model and ISA, memory, torch build, BLAS/oneDNN, threads, GPUs.
+
+Used by `hayai doctor` and printed with every benchmark so results name the hardware that produced them.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from typing import Any
+
+import torch
+
+from hayai.runtime import cpu_flags, physical_core_count
+
+_ISA_FLAGS = {
+    "AVX2": "avx2",
+    "AVX-512": "avx512f",
+    "AVX-512 BF16": "avx512_bf16",
+    "AVX-512 FP16": "avx512_fp16",
+    "AVX-512 VNNI": "avx512_vnni",
+    "AVX-VNNI": "avx_vnni",
+    "AMX tile": "amx_tile",
+    "AMX BF16": "amx_bf16",
+    "AMX INT8": "amx_int8",
+}
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def total_memory_bytes() -> int:
+    try:
+        import psutil
+
+        return psutil.virtual_memory().total
+    except Exception:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def cpu_isa() -> dict[str, bool]:
+    flags = cpu_flags()
+    return {name: flag in flags for name, flag in _ISA_FLAGS.items()}
+
+
+def blas_summary() -> str:
+    config = torch.__config__.show()
+    for item in config.replace("\n", ",").split(","):
+        key, _, value = item.strip().partition("=")
+        if key == "BLAS_INFO":
+            return value.strip()
+    return "mkl" if torch.backends.mkl.is_available() else "unknown"
+
+
+def gpus() -> list[dict[str, Any]]:
+    if not torch.cuda.is_available():
+        return []
+    found = []
+    for i in range(torch.cuda.device_count()):
+        props = torch.cuda.get_device_properties(i)
+        found.append({"index": i, "name": props.name, "memory_bytes": props.total_memory,
+                      "capability": f"{props.major}.{props.minor}"})
+    return found
+
+
+def describe() -> dict[str, Any]:
+    """A JSON-serialisable description of the hardware and software stack."""
+    isa = cpu_isa()
+    return {
+        "cpu": cpu_model(),
+        "cpu_cores_physical": physical_core_count(),
+        "cpu_cores_logical": os.cpu_count(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "isa": [name for name, present in isa.items() if present],
+        "memory_bytes": total_memory_bytes(),
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "blas": blas_summary(),
+        "mkl": torch.backends.mkl.is_available(),
+        "onednn": torch.backends.mkldnn.is_available(),
+        "openmp": torch.backends.openmp.is_available(),
+        "threads": torch.get_num_threads(),
+        "interop_threads": torch.get_num_interop_threads(),
+        "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
+        "gpus": gpus(),
+    }
+
+
+def one_line(info: dict[str, Any] | None = None) -> str:
+    """'Intel Xeon ... (2 cores, AVX-512 BF16), 24 GB, torch 2.13.0+cpu, 2 threads' for benchmark headers."""
+    info = info or describe()
+    isa = ", ".join(i for i in info["isa"] if i in ("AVX2", "AVX-512", "AVX-512 BF16", "AMX BF16"))
+    gpu = "; ".join(f"{g['name']} ({g['memory_bytes'] / 2**30:.0f} GiB)" for g in info["gpus"])
+    parts = [f"{info['cpu']} ({info['cpu_cores_physical']} cores, {isa or 'no AVX'})",
+             f"{info['memory_bytes'] / 1e9:.0f} GB RAM", f"torch {info['torch']}", f"{info['threads']} threads"]
+    if gpu:
+        parts.append(gpu)
+    return ", ".join(parts)

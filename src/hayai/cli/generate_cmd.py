@@ -1,0 +1,130 @@
+"""`hayai generate` and `hayai chat`."""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING
+
+import typer
+
+from hayai.cli.app import app, err
+
+if TYPE_CHECKING:
+    from hayai.api import LLM
+
+ModelOption = typer.Option(None, "--model", "-m", help="Store name, known name, HF checkpoint dir or .gguf file.")
+DtypeOption = typer.Option("auto", "--dtype", help="auto, fp32, bf16 or fp16 (auto: bf16 where the CPU has it).")
+DeviceOption = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
+ThreadsOption = typer.Option(None, "--threads", help="CPU threads (default: physical cores).")
+
+
+def load_llm(model: str | None, dtype: str, device: str, threads: int | None) -> LLM:
+    from hayai.api import load
+    from hayai.cli.progress import progress_bar
+
+    with progress_bar() as progress:
+        return load(model, dtype=dtype, device=device, threads=threads, progress=progress)
+
+
+def _read_prompt(prompt: str | None) -> str:
+    if prompt is None or prompt == "-":
+        if sys.stdin.isatty() and prompt is None:
+            raise typer.BadParameter("give a prompt, or '-' to read it from standard input")
+        return sys.stdin.read()
+    return prompt
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Argument(None, help="The prompt ('-' reads standard input)."),
+    model: str = ModelOption,
+    max_tokens: int = typer.Option(256, "--max-tokens", "-n", help="Maximum new tokens."),
+    temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy."),
+    top_k: int = typer.Option(0, "--top-k", help="Sample from the k most likely tokens (0 = all)."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass."),
+    seed: int = typer.Option(None, "--seed", help="Seed for reproducible sampling."),
+    stop: list[str] = typer.Option(None, "--stop", help="Stop when this text appears (repeatable)."),
+    raw: bool = typer.Option(False, "--raw", help="Do not apply the chat template."),
+    system: str = typer.Option(None, "--system", help="System message (chat models)."),
+    truncate: bool = typer.Option(False, "--truncate", help="Drop the start of a prompt that does not fit."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No speed report on stderr."),
+    dtype: str = DtypeOption,
+    device: str = DeviceOption,
+    threads: int = ThreadsOption,
+) -> None:
+    """Stream a completion to stdout (and only the completion, so it pipes); a speed report goes to stderr."""
+    text = _read_prompt(prompt)
+    llm = load_llm(model, dtype, device, threads)
+    stream = llm.stream(text, raw=raw, system=system, max_tokens=max_tokens, temperature=temperature,
+                        top_k=top_k, top_p=top_p, seed=seed, stop=stop or (), truncate=truncate)
+    for piece in stream:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    if not quiet:
+        err.print(stream.completion.stats.summary(), style="dim")
+
+
+@app.command()
+def chat(
+    model: str = ModelOption,
+    system: str = typer.Option(None, "--system", help="System message."),
+    max_tokens: int = typer.Option(512, "--max-tokens", "-n", help="Maximum new tokens per answer."),
+    temperature: float = typer.Option(0.7, "--temperature", "-t", help="0 = greedy."),
+    top_p: float = typer.Option(0.9, "--top-p"),
+    seed: int = typer.Option(None, "--seed"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No speed report after each answer."),
+    dtype: str = DtypeOption,
+    device: str = DeviceOption,
+    threads: int = ThreadsOption,
+) -> None:
+    """A multi-turn chat in the terminal. /reset clears the conversation, /exit (or Ctrl-D) leaves."""
+    from hayai.errors import ContextOverflowError
+
+    llm = load_llm(model, dtype, device, threads)
+    interactive = sys.stdin.isatty()
+    base = [{"role": "system", "content": system}] if system else []
+    history: list[dict[str, str]] = []
+    if interactive:
+        err.print(f"[bold]{llm.info.name}[/] — /reset to start over, /exit to leave")
+    while True:
+        try:
+            line = err.input("[bold cyan]you>[/] ") if interactive else sys.stdin.readline()
+        except EOFError:
+            break
+        if not interactive and line == "":
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            break
+        if line == "/reset":
+            history.clear()
+            err.print("conversation cleared")
+            continue
+        history.append({"role": "user", "content": line})
+        while True:
+            try:
+                stream = llm.stream(base + history, max_tokens=max_tokens, temperature=temperature,
+                                    top_p=top_p, seed=seed)
+                if interactive:
+                    sys.stdout.write("\x1b[1;32mbot>\x1b[0m ")
+                pieces = []
+                for piece in stream:
+                    pieces.append(piece)
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+                break
+            except ContextOverflowError:
+                if len(history) <= 1:
+                    raise
+                del history[:2]  # forget the oldest exchange and try again
+                err.print("(the conversation outgrew the context window; dropped the oldest exchange)",
+                          style="dim")
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        history.append({"role": "assistant", "content": "".join(pieces)})
+        if not quiet:
+            err.print(stream.completion.stats.summary(), style="dim")
