@@ -256,3 +256,26 @@ def test_missing_tensor_for_a_targeted_module(base, saved):
     save_file(tensors, saved / "adapter_model.safetensors")
     with pytest.raises(ConfigError, match=r"no tensor model\.layers\.1\.self_attn\.v_proj\.lora_B\.weight"):
         load_adapter(copy.deepcopy(base), saved)
+
+
+def test_native_hayai_model_interoperates_with_peft(base, tmp_path):
+    """The native model mirrors HF Llama's module names, so its adapters are PEFT adapters for the HF model."""
+    loading = pytest.importorskip("hayai.models.loading")
+    from hayai.models.config import ModelConfig
+
+    def native_model() -> nn.Module:
+        return loading.build_model(ModelConfig.from_hf_dict(base.config.to_dict()), dict(base.state_dict()))
+
+    ours = apply_lora(native_model(), init_lora_weights=False)  # "all-linear": every projection, not lm_head
+    assert len(adapter_layers(ours)) == 2 * 7 and "lm_head" not in adapter_layers(ours)
+    save_adapter(ours, tmp_path / "native")
+    with torch.no_grad():
+        native_logits = ours(IDS)
+    assert_same_logits(logits(peft_from_pretrained(base, tmp_path / "native")), native_logits, base)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(copy.deepcopy(base), peft.IA3Config(init_ia3_weights=False))
+        theirs.save_pretrained(str(tmp_path / "peft"))
+    loaded = load_adapter(native_model(), tmp_path / "peft")
+    with torch.no_grad():
+        assert_same_logits(loaded(IDS), logits(theirs.eval()), base)

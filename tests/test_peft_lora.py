@@ -197,3 +197,23 @@ def test_invalid_rank_is_rejected(base):
         LoRALinear(base, r=0)
     with pytest.raises(ConfigError, match="linear-like"):
         LoRALinear(nn.ReLU(), r=2)
+
+
+def test_qlora_on_hayai_nf4_linear():
+    nf4 = pytest.importorskip("hayai.quant.nf4")
+    torch.manual_seed(0)
+    model = nn.Sequential(nf4.NF4Linear.from_linear(nn.Linear(64, 32)), nn.ReLU())
+    apply_lora(model, r=4, init_lora_weights=False)
+    layer = model[0]
+    x = torch.randn(3, 64, requires_grad=True)
+    dequantized = layer.base_layer.dequantize_weight(torch.float32)  # [out, in]
+    expected = x @ dequantized.T + layer.base_layer.bias + layer.scaling * (
+        x @ layer.lora_A.weight.T @ layer.lora_B.weight.T
+    )
+    out = model[0](x)
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+    out.sum().backward()
+    assert layer.lora_A.weight.grad is not None and x.grad is not None
+    merge_and_unload(model)
+    assert type(model[0]) is nn.Linear
+    torch.testing.assert_close(model[0](x), expected, atol=1e-4, rtol=1e-4)

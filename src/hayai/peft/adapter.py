@@ -315,8 +315,9 @@ def apply_adapter(
         for key in adapter.tensors:
             if ".base_layer." not in key:  # a saved embedding base stays frozen, as in PEFT
                 params[key].requires_grad_(True)
+        layers = adapter_layers(model)
         for name in names:
-            for parameter in adapter_layers(model)[name].adapter_parameters().values():
+            for parameter in layers[name].adapter_parameters().values():
                 parameter.requires_grad_(True)
     return model
 
