@@ -222,39 +222,66 @@ def test_unsupported_peft_type_and_features(saved):
         read_adapter(saved)
 
 
-def test_shape_mismatch_names_module_and_both_shapes(base, saved):
+def test_rank_mismatch_names_module_and_shapes(saved):
     edit_config(saved, r=8)
-    model = copy.deepcopy(base)
-    reference = {k: v.clone() for k, v in model.state_dict().items()}
+    message = (
+        r"adapter_model\.safetensors: shape mismatch for module model\.layers\.0\.self_attn\.q_proj: lora_A\.weight "
+        r"has shape \(4, 16\) and lora_B\.weight has shape \(16, 4\), but the adapter config gives r=8"
+    )
+    with pytest.raises(ConfigError, match=message):
+        read_adapter(saved)
+
+
+def test_shape_mismatch_with_the_model_names_module_and_both_shapes(saved):
+    torch.manual_seed(0)
+    wider = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=64,
+            hidden_size=24,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
+    reference = {k: v.clone() for k, v in wider.state_dict().items()}
     message = (
         r"shape mismatch for module model\.layers\.0\.self_attn\.q_proj: tensor "
         r"model\.layers\.0\.self_attn\.q_proj\.lora_A\.weight has shape \(4, 16\) in the adapter but the model "
-        r"expects \(8, 16\) \(the adapter config gives r=8"
+        r"expects \(4, 24\) \(the adapter config gives r=4 for this module; module in_features=24"
     )
     with pytest.raises(ConfigError, match=message):
-        load_adapter(model, saved)
-    assert not adapter_layers(model)  # nothing changed
-    assert all(torch.equal(v, reference[k]) for k, v in model.state_dict().items())
+        load_adapter(wider, saved)
+    assert not adapter_layers(wider)  # nothing changed
+    assert all(torch.equal(v, reference[k]) for k, v in wider.state_dict().items())
 
 
 def test_keys_matching_no_module_are_named(base, saved):
-    tensors = load_file(saved / "adapter_model.safetensors")
-    tensors["base_model.model.model.layers.7.self_attn.q_proj.lora_A.weight"] = torch.zeros(4, 16)
-    save_file(tensors, saved / "adapter_model.safetensors")
-    with pytest.raises(ConfigError, match=r"layers\.7\.self_attn\.q_proj\.lora_A\.weight' matches no module"):
-        load_adapter(copy.deepcopy(base), saved)
-    del tensors["base_model.model.model.layers.7.self_attn.q_proj.lora_A.weight"]
-    tensors["base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight"] = torch.zeros(4, 16)
-    save_file(tensors, saved / "adapter_model.safetensors")
-    with pytest.raises(ConfigError, match=r"k_proj, which the adapter config .* does not select"):
-        load_adapter(copy.deepcopy(base), saved)
+    original = load_file(saved / "adapter_model.safetensors")
+    for module in ("model.layers.7.self_attn.q_proj", "model.layers.0.self_attn.k_proj"):
+        tensors = dict(original)
+        tensors[f"base_model.model.{module}.lora_A.weight"] = torch.zeros(4, 16)
+        tensors[f"base_model.model.{module}.lora_B.weight"] = torch.zeros(8, 4)
+        save_file(tensors, saved / "adapter_model.safetensors")
+        expected = "matches no module of the model" if "7" in module else "which the adapter config .* does not select"
+        with pytest.raises(ConfigError, match=rf"'{module}\.lora_A\.weight' .*{expected}"):
+            load_adapter(copy.deepcopy(base), saved)
 
 
-def test_missing_tensor_for_a_targeted_module(base, saved):
+def test_incomplete_lora_pair_is_named(saved):
     tensors = load_file(saved / "adapter_model.safetensors")
     del tensors["base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"]
     save_file(tensors, saved / "adapter_model.safetensors")
     with pytest.raises(ConfigError, match=r"no tensor model\.layers\.1\.self_attn\.v_proj\.lora_B\.weight"):
+        read_adapter(saved)
+
+
+def test_missing_tensors_for_a_targeted_module(base, saved):
+    tensors = load_file(saved / "adapter_model.safetensors")
+    del tensors["base_model.model.model.layers.1.self_attn.v_proj.lora_A.weight"]
+    del tensors["base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"]
+    save_file(tensors, saved / "adapter_model.safetensors")
+    with pytest.raises(ConfigError, match=r"no tensor model\.layers\.1\.self_attn\.v_proj\.lora_A\.weight: the"):
         load_adapter(copy.deepcopy(base), saved)
 
 

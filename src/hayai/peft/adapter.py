@@ -76,6 +76,34 @@ class Adapter:
     def _where(self) -> str:
         return f"{self.source}: " if self.source else ""
 
+    def check(self) -> None:
+        """ConfigError unless every adapted module has a complete, rank-consistent set of tensors."""
+        allowed = LORA_SUFFIXES if isinstance(self.config, LoraConfig) else IA3_SUFFIXES
+        for key in self.tensors:
+            parts = split_adapter_key(key)
+            if parts is not None and f".{parts[1]}" not in allowed:
+                raise ConfigError(f"{self._where()}tensor {key} does not belong in a {self.peft_type} adapter")
+        if isinstance(self.config, LoraConfig):
+            for module in self.adapted_modules():
+                self._check_lora_module(module)
+
+    def _check_lora_module(self, module: str) -> None:
+        pairs = ((".lora_A.weight", ".lora_B.weight"), (".lora_embedding_A", ".lora_embedding_B"))
+        for a_suffix, b_suffix in pairs:
+            a, b = self.tensors.get(module + a_suffix), self.tensors.get(module + b_suffix)
+            if a is None and b is None:
+                continue
+            if a is None or b is None:
+                missing = module + (a_suffix if a is None else b_suffix)
+                raise ConfigError(f"{self._where()}no tensor {missing} (its partner is present)")
+            r = self.config.rank_for(module)
+            if a.dim() != 2 or b.dim() != 2 or a.shape[0] != r or b.shape[1] != r:
+                raise ConfigError(
+                    f"{self._where()}shape mismatch for module {module}: {a_suffix[1:]} has shape "
+                    f"{tuple(a.shape)} and {b_suffix[1:]} has shape {tuple(b.shape)}, but the adapter config "
+                    f"gives r={r} (expected ({r}, in) and (out, {r}))"
+                )
+
 
 # ------------------------------------------------------------------------------------------------------------
 # model -> Adapter

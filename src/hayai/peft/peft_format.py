@@ -227,7 +227,9 @@ def read_adapter(directory: str | os.PathLike) -> Adapter:
         raise ModelNotFoundError(f"{path}: no such adapter directory")
     config = _read_config(path)
     tensors, weights_path = _read_tensors(path)
-    return Adapter(config, tensors, source=str(weights_path))
+    adapter = Adapter(config, tensors, source=str(weights_path))
+    adapter.check()
+    return adapter
 
 
 def _write_atomically(path: Path, write: Callable[[Path], object]) -> None:
