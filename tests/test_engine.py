@@ -142,3 +142,33 @@ def test_greedy_probabilities_are_one_hot():
     logits = torch.tensor([[0.1, 3.0, 2.9]])
     assert probabilities(logits, SamplingParams()).tolist() == [[0.0, 1.0, 0.0]]
     assert select(logits, SamplingParams()).tolist() == [1]
+
+
+# ---- batched generation ----------------------------------------------------------------------------------------
+def test_batched_greedy_equals_one_at_a_time(tiny_llm):
+    texts = ["Hello world", "The quick brown fox jumps over", "def add(a, b):", "Small", "naïve café"]
+    prompts = [tiny_llm.prompt_ids(t, raw=True) for t in texts]
+    alone = [tiny_llm.engine.generate(p, max_new_tokens=16) for p in prompts]
+    batched = tiny_llm.engine.generate_batch(prompts, max_new_tokens=16)
+    for a, b in zip(alone, batched, strict=True):
+        assert b.token_ids == a.token_ids and b.text == a.text and b.finish_reason == a.finish_reason
+
+
+def test_batched_rows_stop_independently(tiny_llm):
+    prompts = [tiny_llm.prompt_ids(t, raw=True) for t in ["Hello world", "The quick brown fox", "Small models"]]
+    reference = [greedy_reference(tiny_llm.model, p, 10) for p in prompts]
+    stop_ids = {reference[0][3]}  # the first row ends early on this "end" token; others may too, or not
+    batched = tiny_llm.engine.generate_batch(prompts, max_new_tokens=10, stop_token_ids=stop_ids)
+    for ref, completion in zip(reference, batched, strict=True):
+        cut = next((i for i, t in enumerate(ref) if t in stop_ids), None)
+        assert completion.token_ids == (ref if cut is None else ref[:cut])
+        assert completion.finish_reason == ("length" if cut is None else "stop")
+
+
+def test_batched_sampling_per_row_seeds_reproduce_single_runs(tiny_llm):
+    prompts = [tiny_llm.prompt_ids(t, raw=True) for t in ["Hello", "The quick"]]
+    params = [SamplingParams(temperature=1.3, seed=7), SamplingParams(temperature=0.9, top_p=0.9, seed=11)]
+    alone = [tiny_llm.engine.generate(p, max_new_tokens=12, sampling=s, stop_token_ids=set())
+             for p, s in zip(prompts, params, strict=True)]
+    batched = tiny_llm.engine.generate_batch(prompts, max_new_tokens=12, sampling=params, stop_token_ids=set())
+    assert [c.token_ids for c in batched] == [c.token_ids for c in alone]

@@ -267,3 +267,105 @@ class Engine:
         for _ in stream:
             pass
         return stream.completion
+
+    def generate_batch(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 256,
+                       sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+                       stop: Sequence[str] = (), truncate: bool = False,
+                       stop_token_ids: set[int] | frozenset[int] | None = None) -> list[Completion]:
+        """Decode several prompts together in one batch, each stopping on its own.
+
+        Prompts are right-padded for one prefill pass, then every row decodes at its own position (the KV
+        cache keeps per-row lengths). Finished rows are dropped from the batch once at most half remain, so
+        short answers stop costing compute. Greedy outputs equal decoding each prompt alone.
+        """
+        if not prompts:
+            return []
+        if any(len(p) == 0 for p in prompts):
+            raise ConfigError("a prompt in the batch is empty")
+        params = list(sampling) if isinstance(sampling, Sequence) else [sampling or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise ConfigError(f"{len(params)} sampling settings for {len(prompts)} prompts")
+        prompts = [list(p)[len(p) - self.check_fits(len(p), max_new_tokens, truncate):] for p in prompts]
+        eos = self.tokenizer.eos_token_ids if stop_token_ids is None else frozenset(stop_token_ids)
+        rows = [_BatchRow(i, p, params[i], StopChecker(stop), IncrementalDecoder(self.tokenizer))
+                for i, p in enumerate(prompts)]
+        for row in rows:
+            row.stats = GenerationStats(prompt_tokens=len(row.prompt), weight_bytes_per_forward=self._weight_bytes,
+                                        strategy="batched")
+        model = self.model
+        device = model.device
+        generators = [p.generator(device) for p in params]
+        width = max(len(p) for p in prompts)
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            cache = model.new_cache(len(rows), width + max_new_tokens)
+            padded = torch.tensor([p + [self.tokenizer.pad_token_id] * (width - len(p)) for p in prompts],
+                                  device=device)
+            hidden = model.hidden(padded, cache=cache)  # [B, W, hidden]
+            cache.truncate([len(p) for p in prompts])
+            last = torch.tensor([len(p) - 1 for p in prompts], device=device)
+            logits = model.logits(hidden[torch.arange(len(rows), device=device), last])  # [B, V]
+            prefill_done = time.perf_counter()
+            active = list(range(len(rows)))  # row indices, in cache-row order
+            forwards = 0
+            while active:
+                tokens = [int(select(logits[j:j + 1], rows[i].params, generators[i]))
+                          for j, i in enumerate(active)]
+                for i, token in zip(active, tokens, strict=True):
+                    rows[i].accept(token, eos, max_new_tokens)
+                still = [j for j, i in enumerate(active) if not rows[i].done]
+                if not still:
+                    break
+                if len(still) <= len(active) // 2:
+                    cache = cache.select_rows(still)
+                    active = [active[j] for j in still]
+                    tokens = [tokens[j] for j in still]
+                else:
+                    # Finished rows keep decoding a pad token until the batch is compacted; their output is unused.
+                    tokens = [t if not rows[i].done else self.tokenizer.pad_token_id
+                              for t, i in zip(tokens, active, strict=True)]
+                logits = model(torch.tensor(tokens, device=device)[:, None], cache=cache)[:, -1]
+                forwards += 1
+            end = time.perf_counter()
+        peak = peak_memory_bytes(device)
+        completions = []
+        for row in rows:
+            row.stats.prefill_seconds = prefill_done - t0
+            row.stats.decode_seconds = end - prefill_done
+            row.stats.target_forwards = forwards
+            row.stats.generated_tokens = len(row.tokens)
+            row.stats.peak_memory_bytes = peak
+            completions.append(Completion(row.text(), row.tokens, row.finish, row.stats))
+        return completions
+
+
+@dataclass
+class _BatchRow:
+    index: int
+    prompt: list[int]
+    params: SamplingParams
+    checker: StopChecker
+    decoder: IncrementalDecoder
+    tokens: list[int] = field(default_factory=list)
+    finish: str = "length"
+    done: bool = False
+    stats: GenerationStats | None = None
+    _hit_stop_string: bool = False
+
+    def accept(self, token: int, eos: frozenset[int], max_new_tokens: int) -> None:
+        if self.done:
+            return
+        if token in eos:
+            self.finish, self.done = "stop", True
+            return
+        self.tokens.append(token)
+        _, hit = self.checker.push(self.decoder.push([token]))
+        if hit:
+            self.finish, self.done, self._hit_stop_string = "stop", True, True
+        elif len(self.tokens) >= max_new_tokens:
+            self.done = True
+
+    def text(self) -> str:
+        if not self._hit_stop_string:
+            self.checker.push(self.decoder.flush())
+        return self.checker.text

@@ -37,8 +37,9 @@ class KVCache:
     def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, max_length: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str = "cpu"):
         shape = (batch_size, num_kv_heads, max_length, head_dim)
-        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        # Zeros, not empty: masked-out slots still enter q·kᵀ and p·v, and uninitialised memory can hold NaN.
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.lengths = [0] * batch_size
         self.max_length = max_length
         self._plan: WritePlan | None = None
@@ -122,6 +123,17 @@ class KVCache:
             if new > old:
                 raise ValueError(f"row {b}: cannot truncate to {new}, it holds only {old} positions")
         self.lengths = list(lengths)
+
+    def select_rows(self, rows: list[int]) -> KVCache:
+        """A new cache holding only the given rows (in that order), e.g. to drop finished sequences."""
+        picked = KVCache.__new__(KVCache)
+        index = torch.tensor(rows, device=self.keys[0].device)
+        picked.keys = [k.index_select(0, index) for k in self.keys]
+        picked.values = [v.index_select(0, index) for v in self.values]
+        picked.lengths = [self.lengths[r] for r in rows]
+        picked.max_length = self.max_length
+        picked._plan = None
+        return picked
 
     def copy_prefix_from(self, other: KVCache, length: int, src_row: int = 0, dst_row: int | None = None) -> None:
         """Copy the first `length` positions of `other`'s row into this cache's row(s) (prefix reuse)."""
