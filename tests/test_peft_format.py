@@ -306,3 +306,34 @@ def test_native_hayai_model_interoperates_with_peft(base, tmp_path):
     loaded = load_adapter(native_model(), tmp_path / "peft")
     with torch.no_grad():
         assert_same_logits(loaded(IDS), logits(theirs.eval()), base)
+
+
+def test_trained_tied_embeddings_round_trip_through_peft(tmp_path):
+    """A trained tied embedding is saved under both embed_tokens and lm_head, so PEFT (which unties them into two
+    modules_to_save copies) computes what hayai computes."""
+    loading = pytest.importorskip("hayai.models.loading")
+    from hayai.models.config import ModelConfig
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    tied = transformers.LlamaForCausalLM(config).eval()
+    ours = loading.build_model(ModelConfig.from_hf_dict(tied.config.to_dict()), dict(tied.state_dict()))
+    assert ours.lm_head.weight is ours.model.embed_tokens.weight
+    apply_lora(ours, target_modules=["q_proj", "v_proj"], trainable="embed,norm")
+    perturb(p for p in ours.parameters() if p.requires_grad)
+    save_adapter(ours, tmp_path)
+    assert "base_model.model.lm_head.weight" in load_file(tmp_path / "adapter_model.safetensors")
+    with torch.no_grad():
+        expected = ours(IDS)
+    assert_same_logits(logits(peft_from_pretrained(tied, tmp_path)), expected, tied)
+    again = loading.build_model(ModelConfig.from_hf_dict(tied.config.to_dict()), dict(tied.state_dict()))
+    with torch.no_grad():
+        torch.testing.assert_close(load_adapter(again, tmp_path)(IDS), expected, atol=1e-6, rtol=1e-6)

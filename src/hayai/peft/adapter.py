@@ -118,9 +118,10 @@ def _number(value: float) -> float:
 
 
 def _trained_modules(model: nn.Module, layers: dict[str, nn.Module]) -> list[str]:
-    """Owners of trainable parameters that are not adapter tensors (PEFT's modules_to_save)."""
+    """Owners of trainable parameters that are not adapter tensors (PEFT's modules_to_save). A tied parameter
+    (embed_tokens and lm_head) names every module sharing it, so a PEFT model loads the same tensor into both."""
     owners: list[str] = []
-    for name, parameter in model.named_parameters():
+    for name, parameter in model.named_parameters(remove_duplicate=False):
         if not parameter.requires_grad:
             continue
         wrapper = next((w for w in layers if name.startswith(f"{w}.")), None)
