@@ -81,15 +81,21 @@ def test_ragged_batch_rows_decode_like_single_rows(model):
         assert got == greedy_recompute(model, prompt, 6)
 
 
-def test_explicit_positions_write_each_row_where_asked(model):
-    prompt = torch.randint(0, VOCAB, (1, 9))
+def test_parallel_segments_with_explicit_positions_and_mask(model):
+    """Two segments cached side by side, each at RoPE positions from 0 (not attending to each other), then a
+    query that sees both: equals one uncached pass with the same positions and block mask."""
+    a, b, q = (torch.randint(0, VOCAB, (1, n)) for n in (6, 4, 3))
+    positions = torch.cat([torch.arange(6), torch.arange(4), torch.arange(6, 9)])[None]
+    segment = torch.tensor([0] * 6 + [1] * 4 + [2] * 3)
+    causal = torch.arange(13)[:, None] >= torch.arange(13)[None, :]
+    mask = (causal & ((segment[:, None] == segment[None, :]) | (segment[:, None] == 2)))[None, None]
     with torch.no_grad():
-        cache = model.new_cache(2, 16)
-        model(prompt.expand(2, 9), cache=cache)
-        nxt = torch.randint(0, VOCAB, (2, 1))
-        out = model(nxt, positions=torch.tensor([[9], [9]]), cache=cache)
-        ref = model(torch.cat([prompt.expand(2, 9), nxt], dim=1))[:, -1:]
-    assert torch.allclose(out, ref, atol=1e-5)
+        reference = model(torch.cat([a, b, q], dim=1), positions=positions, mask=mask)[:, 10:]
+        cache = model.new_cache(1, 13)
+        model(a, cache=cache)
+        model(b, positions=torch.arange(4)[None], mask=mask[:, :, 6:10, :10], cache=cache)
+        got = model(q, positions=positions[:, 10:], mask=mask[:, :, 10:, :13], cache=cache)
+    assert torch.allclose(got, reference, atol=1e-5)
 
 
 def test_prefix_copy_reuses_a_cached_prompt(model):

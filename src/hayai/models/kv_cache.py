@@ -26,8 +26,8 @@ from hayai.errors import ContextOverflowError
 class WritePlan:
     """Where one forward pass writes its T new tokens, computed once and shared by every layer."""
 
-    positions: torch.Tensor  # [B, T] int64: position of each new token
-    start: int | None  # shared first position when every row writes the same contiguous range, else None
+    positions: torch.Tensor  # [B, T] int64: slot (= default position) of each new token
+    start: int | None  # shared first slot when every row writes the same contiguous range, else None
     extent: int  # keys to attend over: max position + 1
     mask: torch.Tensor | None  # bool [B, 1, T, S] (True = may attend), None when plain causal suffices
     causal: bool  # bottom-right causal over [0, extent) is exact for every row
@@ -58,29 +58,21 @@ class KVCache:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
     # ---- planning a forward pass -----------------------------------------------------------------------------
-    def plan(self, num_new: int, positions: torch.Tensor | None = None) -> WritePlan:
-        """Plan writing `num_new` tokens per row after each row's current length (or at explicit positions)."""
+    def plan(self, num_new: int) -> WritePlan:
+        """Plan appending `num_new` tokens to every row, each after its own current length."""
         device = self.keys[0].device
-        if positions is None:
-            starts = self.lengths
-            if max(starts) + num_new > self.max_length:
-                raise ContextOverflowError(
-                    f"KV cache holds {self.max_length} positions; writing {num_new} more after "
-                    f"{max(starts)} would overflow it"
-                )
-            offsets = torch.arange(num_new, device=device)
-            positions = torch.tensor(starts, device=device)[:, None] + offsets  # [B, T]
-            uniform = all(s == starts[0] for s in starts)
-            start = starts[0] if uniform else None
-            extent = max(starts) + num_new
-        else:
-            start = None
-            extent = int(positions.max()) + 1
-            if extent > self.max_length:
-                raise ContextOverflowError(f"position {extent - 1} is beyond the KV cache ({self.max_length})")
-        if start is not None:
+        starts = self.lengths
+        if max(starts) + num_new > self.max_length:
+            raise ContextOverflowError(
+                f"KV cache holds {self.max_length} positions; writing {num_new} more after "
+                f"{max(starts)} would overflow it"
+            )
+        offsets = torch.arange(num_new, device=device)
+        positions = torch.tensor(starts, device=device)[:, None] + offsets  # [B, T] slot of each new token
+        extent = max(starts) + num_new
+        if all(s == starts[0] for s in starts):
             # Every row sees [0, start + j] for its j-th new token: bottom-right causal over the extent.
-            plan = WritePlan(positions, start, extent, mask=None, causal=True)
+            plan = WritePlan(positions, starts[0], extent, mask=None, causal=True)
         else:
             slots = torch.arange(extent, device=device)
             mask = slots[None, None, None, :] <= positions[:, None, :, None]  # [B, 1, T, S]

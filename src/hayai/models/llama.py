@@ -62,10 +62,13 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)  # [B, Hkv, S, D]
+        if mask is not None:
+            causal = False
+        elif cache is not None:
             causal = plan.causal and t > 1  # one new token per row sees every visible slot
             mask = plan.mask
         else:
-            causal = mask is None
+            causal = True
         out = self.kernel(q, k, v, causal=causal, mask=mask, scale=self.scale)  # [B, H, T, D]
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
 
@@ -109,15 +112,17 @@ class Backbone(nn.Module):
                 cache: KVCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids [B, T] -> hidden states [B, T, hidden] after the final norm.
 
-        With a cache, new tokens go after each row's cached length (or at `positions`) and attend to the cache.
-        Without one, `positions` defaults to 0..T-1 and attention is causal unless `mask` ([B or 1, 1, T, T],
-        True = may attend; e.g. block-diagonal for packed sequences) says otherwise.
+        With a cache, the new tokens' keys/values are appended after each row's cached length and attention
+        covers the cache. `positions` [B, T] are the RoPE positions (default: the cache slots, or 0..T-1
+        without a cache). `mask` (bool, True = may attend, broadcastable to [B, 1, T, S] where S is the cached
+        extent, or T without a cache) replaces the default causal pattern, e.g. block-diagonal for packed
+        sequences or demonstrations encoded in parallel.
         """
         b, t = input_ids.shape
         plan = None
         if cache is not None:
-            plan = cache.plan(t, positions)
-            positions = plan.positions
+            plan = cache.plan(t)
+            positions = plan.positions if positions is None else positions
         elif positions is None:
             positions = torch.arange(t, device=input_ids.device).expand(b, t)
         x = self.embed_tokens(input_ids)  # [B, T, hidden]
