@@ -82,7 +82,9 @@ class Adapter:
         for key in self.tensors:
             parts = split_adapter_key(key)
             if parts is not None and f".{parts[1]}" not in allowed:
-                raise ConfigError(f"{self._where()}tensor {key} does not belong in a {self.peft_type} adapter")
+                raise ConfigError(
+                    f"{self._where()}tensor {key} does not belong in a {self.peft_type} adapter"
+                )
         if isinstance(self.config, LoraConfig):
             for module in self.adapted_modules():
                 self._check_lora_module(module)

@@ -42,7 +42,9 @@ def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     if not name:
         raise ConfigError("the model itself cannot be replaced by an adapter; wrap it in a container first")
-    new.train(model.get_submodule(name).training)  # a new wrapper keeps the train/eval mode of what it replaces
+    new.train(
+        model.get_submodule(name).training
+    )  # a new wrapper keeps the train/eval mode of what it replaces
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name), child, new)
 

@@ -122,13 +122,15 @@ def combine_lora(
         raise ConfigError(f"combination_type must be 'svd', 'linear' or 'cat', got {combination_type!r}")
     configs: list[LoraConfig] = [adapter.config for adapter in adapters]  # type: ignore[misc]
     modules = _modules_in_order(adapters)
-    max_rank = max(a.lora_factors(m)[0].shape[0] for a in adapters for m in a.adapted_modules())
-    rank = svd_rank or max_rank
+    present = [set(adapter.adapted_modules()) for adapter in adapters]
+    rank = svd_rank or max(
+        a.lora_factors(m)[0].shape[0] for a, ms in zip(adapters, present, strict=True) for m in ms
+    )
     tensors, ranks = {}, {}
     for module in modules:
         factors, is_embedding, dtype = [], False, None
-        for adapter, config, weight in zip(adapters, configs, weights, strict=True):
-            if module not in adapter.adapted_modules():
+        for adapter, config, weight, has in zip(adapters, configs, weights, present, strict=True):
+            if module not in has:
                 continue
             a, b, is_embedding = adapter.lora_factors(module)
             dtype = dtype or a.dtype
