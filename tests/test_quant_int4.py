@@ -81,7 +81,7 @@ def test_bf16_kernel_matches_reference(in_features, out_features, group_size, sh
     x = torch.randn(*shape, in_features, dtype=torch.bfloat16)
     assert layer.uses_kernel(x.device, x.dtype)
     y = layer(x)
-    assert layer._kernel is not None, "the kernel layout should be in use"
+    assert layer.uses_kernel_layout, "the kernel layout should be in use"
     assert y.dtype == torch.bfloat16 and y.shape == (*shape, out_features)
     assert rel_err(y, layer.forward_reference(x)) < 1e-2
 
@@ -122,13 +122,14 @@ def test_kernel_layout_is_invisible_to_state_dict_dequantize_and_moves():
     x = torch.randn(3, 160, dtype=torch.bfloat16)
     with torch.inference_mode():
         y = layer(x)
-    assert layer._kernel is not None and layer.qweight is None  # one copy of the codes
+    assert layer.uses_kernel_layout and layer.qweight is None  # one copy of the codes
+    assert "packed_weight" in dict(layer.named_buffers()) and "packed_weight" not in layer.state_dict()
     after = layer.state_dict()
     assert after.keys() == before.keys()
     assert all(torch.equal(after[k], before[k]) for k in before)
     assert torch.equal(layer.dequantize_weight(), weight)
     layer.to(torch.float32)  # .to() goes back to the portable layout first
-    assert layer._kernel is None and torch.equal(layer.qweight, before["qweight"])
+    assert not layer.uses_kernel_layout and torch.equal(layer.qweight, before["qweight"])
     layer.to(torch.bfloat16)
     assert torch.equal(layer(x), y)
     fresh = Int4Linear.from_config(160, 72, True, layer.config())
@@ -168,6 +169,6 @@ def test_cuda_kernel_matches_reference_and_unpacks():
     codes = layer.qweight.clone()
     x = torch.randn(5, 384, dtype=torch.bfloat16, device="cuda")
     y = layer(x)
-    assert layer._kernel is not None
+    assert layer.uses_kernel_layout
     assert rel_err(y, layer.forward_reference(x)) < 1e-2
     assert torch.equal(layer.portable_codes(), codes)

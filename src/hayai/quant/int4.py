@@ -26,7 +26,6 @@ of the weight in memory); ``state_dict()``, ``dequantize_weight()`` and ``.to()`
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
@@ -80,15 +79,6 @@ def dequantize_int4_groups(codes: torch.Tensor, scales_and_zeros: torch.Tensor, 
     return w[:, :in_features].to(dtype)
 
 
-@dataclasses.dataclass
-class _KernelLayout:
-    """The weight converted for a device's int4 kernel; ``scales_and_zeros`` padded/cast for it on demand."""
-
-    packed: torch.Tensor
-    rows: int  # out_features rounded up to INT4_ROW_MULTIPLE
-    scales_and_zeros: torch.Tensor | None = None
-
-
 class Int4Linear(QuantizedLinear):
     """A linear layer whose weight is int4, group-wise asymmetric; see the module docstring."""
 
@@ -103,7 +93,7 @@ class Int4Linear(QuantizedLinear):
         self.register_buffer("qweight", torch.full((out_features, self.padded_in_features // 2), MID * 0x11,
                                                    dtype=torch.uint8, device=device))
         self.register_buffer("scales_and_zeros", torch.zeros(groups, out_features, 2, dtype=dtype, device=device))
-        self._kernel: _KernelLayout | None = None
+        self.kernel_rows: int | None = None  # set while the kernel layout is in use (out_features padded to 16)
 
     @classmethod
     def unsupported_reason(cls, linear: nn.Linear, *, group_size: int = 64, **options: Any) -> str | None:
@@ -126,35 +116,44 @@ class Int4Linear(QuantizedLinear):
         return {"kind": self.kind, "group_size": self.group_size, "dtype": dtype_name(self.scales_and_zeros.dtype)}
 
     # -- codes in either layout --------------------------------------------------------------------------
+    @property
+    def uses_kernel_layout(self) -> bool:
+        """True while the codes live in the kernel layout (``packed_weight``) instead of ``qweight``."""
+        return self.kernel_rows is not None
+
     def portable_codes(self) -> torch.Tensor:
         """The codes as ``uint8 [out, padded_in / 2]`` (recovered from the kernel layout when that is in use)."""
-        if self._kernel is None:
+        if self.kernel_rows is None:
             return self.qweight
-        codes = kernels.unpack_int4(self._kernel.packed, self._kernel.rows, self.padded_in_features)
+        codes = kernels.unpack_int4(self.packed_weight, self.kernel_rows, self.padded_in_features)
         return codes[: self.out_features]
 
     def _use_portable_layout(self) -> None:
-        if self._kernel is not None:
+        if self.kernel_rows is not None:
             self.qweight = self.portable_codes()
-            self._kernel = None
+            del self.packed_weight, self.kernel_scales_and_zeros
+            self.kernel_rows = None
 
-    def _kernel_layout(self, dtype: torch.dtype) -> _KernelLayout:
-        if self._kernel is None:
+    def _use_kernel_layout(self, dtype: torch.dtype) -> None:
+        """Convert the codes for the kernel (once) and the statistics to ``dtype``; both are non-persistent
+        buffers, so they count as the module's memory but never reach a state dict."""
+        if self.kernel_rows is None:
             rows = -(-self.out_features // kernels.INT4_ROW_MULTIPLE) * kernels.INT4_ROW_MULTIPLE
             codes = self.qweight
             with torch.inference_mode(False), torch.no_grad():  # a normal tensor even if called under inference
-                if rows != self.out_features:
+                if rows != self.out_features:  # zero rows: code 8 and (scale, zero) = 0 give Ŵ = 0
                     codes = torch.cat([codes, codes.new_full((rows - self.out_features, codes.shape[1]), 0x88)])
-                packed = kernels.int4_pack(codes, self.padded_in_features)
-            self._kernel = _KernelLayout(packed=packed, rows=rows)
+                self.register_buffer("packed_weight", kernels.int4_pack(codes, self.padded_in_features),
+                                     persistent=False)
+            self.register_buffer("kernel_scales_and_zeros", None, persistent=False)
+            self.kernel_rows = rows
             self.qweight = None  # one copy of the weight: the kernel layout
-        layout = self._kernel
-        if layout.scales_and_zeros is None or layout.scales_and_zeros.dtype != dtype:
-            sz = self.scales_and_zeros.to(dtype)  # [K/G, N, 2]
-            if layout.rows != self.out_features:
-                sz = F.pad(sz, (0, 0, 0, layout.rows - self.out_features))  # zero rows give Ŵ = 0
-            layout.scales_and_zeros = sz.contiguous()
-        return layout
+        sz = self.kernel_scales_and_zeros
+        if sz is None or sz.dtype != dtype:
+            sz = self.scales_and_zeros.to(dtype)  # [K/G, N, 2]; the same tensor when the dtype already matches
+            if self.kernel_rows != self.out_features:
+                sz = F.pad(sz, (0, 0, 0, self.kernel_rows - self.out_features))
+            self.kernel_scales_and_zeros = sz.contiguous()
 
     def uses_kernel(self, device: torch.device, dtype: torch.dtype) -> bool:
         """Whether forward on this device/activation dtype runs the fused int4 kernel."""
@@ -172,11 +171,11 @@ class Int4Linear(QuantizedLinear):
     def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
         if not self.uses_kernel(x2d.device, x2d.dtype):
             return F.linear(x2d, self.dequantize_weight(x2d.dtype))
-        layout = self._kernel_layout(x2d.dtype)
+        self._use_kernel_layout(x2d.dtype)
         if self.padded_in_features != self.in_features:
             x2d = F.pad(x2d, (0, self.padded_in_features - self.in_features))  # [M, Kp]
-        y = kernels.int4_mm(x2d, layout.packed, self.group_size, layout.scales_and_zeros)  # [M, rows]
-        return y[:, : self.out_features] if layout.rows != self.out_features else y
+        y = kernels.int4_mm(x2d, self.packed_weight, self.group_size, self.kernel_scales_and_zeros)  # [M, rows]
+        return y[:, : self.out_features] if self.kernel_rows != self.out_features else y
 
     # -- keep the kernel layout out of checkpoints and device moves ------------------------------------------
     def _apply(self, fn: Any, recurse: bool = True) -> Int4Linear:
@@ -185,12 +184,13 @@ class Int4Linear(QuantizedLinear):
 
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self._kernel is not None:
+        if self.kernel_rows is not None:
             destination[prefix + "qweight"] = self.portable_codes()
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        if self._kernel is not None:  # the incoming codes are portable; drop the kernel layout first
+        if self.kernel_rows is not None:  # the incoming codes are portable; drop the kernel layout first
             self.qweight = torch.empty(self.out_features, self.padded_in_features // 2, dtype=torch.uint8,
                                        device=self.scales_and_zeros.device)
-            self._kernel = None
+            del self.packed_weight, self.kernel_scales_and_zeros
+            self.kernel_rows = None
         super()._load_from_state_dict(state_dict, prefix, *args)

@@ -56,8 +56,9 @@ class QuantSummary:
 
 
 def matches(name: str, patterns: Iterable[str]) -> bool:
-    """A pattern matches a module name exactly, as a dotted suffix ("q_proj"), or as a glob ("*.mlp.*")."""
-    return any(name == p or name.endswith("." + p) or fnmatch.fnmatchcase(name, p) for p in patterns)
+    """A pattern matches a module name whole or as a dotted suffix, globs allowed: "lm_head", "q_proj" (any
+    ``*.q_proj``), "mlp.*" (anything under an ``mlp``), "model.layers.1.*"."""
+    return any(name == p or fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, "*." + p) for p in patterns)
 
 
 def _selected(name: str, include: Sequence[str] | None, exclude: Sequence[str]) -> str | None:
