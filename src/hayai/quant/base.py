@@ -141,19 +141,22 @@ class QuantizedLinear(nn.Module):
 
     # -- shared behaviour ----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
-            x = x.to(torch.get_autocast_dtype(x.device.type))
-        lead = x.shape[:-1]
-        x2d = x.reshape(-1, self.in_features)  # [M, in]
-        if x2d.shape[0] == 0:
-            y = x2d.new_zeros(0, self.out_features)
-        elif torch.is_grad_enabled() and x2d.requires_grad:
+        # Decode calls this ~200 times per token, so the common path (bf16 input, no grad) is kept lean; hot
+        # tensors are read from _parameters/_buffers directly (nn.Module.__getattr__ costs ~1 µs per access).
+        if x.dtype == torch.float32 and torch.is_autocast_enabled("cpu" if x.is_cpu else x.device.type):
+            x = x.to(torch.get_autocast_dtype("cpu" if x.is_cpu else x.device.type))
+        x2d = x if x.dim() == 2 else x.reshape(-1, self.in_features)  # [M, in]
+        if x2d.requires_grad and torch.is_grad_enabled():
             y = _FrozenWeightMatmul.apply(x2d, self)
+        elif x2d.shape[0] == 0:
+            y = x2d.new_zeros(0, self.out_features)
         else:
             y = self._matmul(x2d)  # [M, out]
-        y = y.reshape(*lead, self.out_features)  # [..., out]
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
+        if x.dim() != 2:
+            y = y.view(*x.shape[:-1], self.out_features)  # [..., out]
+        bias = self._parameters["bias"]
+        if bias is not None:
+            y = y + (bias if bias.dtype == y.dtype else bias.to(y.dtype))
         return y
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:

@@ -169,12 +169,16 @@ class Int4Linear(QuantizedLinear):
                                       dtype or self.scales_and_zeros.dtype)  # [N, K]
 
     def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
-        if not self.uses_kernel(x2d.device, x2d.dtype):
-            return F.linear(x2d, self.dequantize_weight(x2d.dtype))
-        self._use_kernel_layout(x2d.dtype)
+        buffers = self._buffers  # see QuantizedLinear.forward
+        sz = buffers.get("kernel_scales_and_zeros")
+        if sz is None or sz.dtype != x2d.dtype:
+            if not self.uses_kernel(x2d.device, x2d.dtype):
+                return F.linear(x2d, self.dequantize_weight(x2d.dtype))
+            self._use_kernel_layout(x2d.dtype)
+            sz = buffers["kernel_scales_and_zeros"]
         if self.padded_in_features != self.in_features:
             x2d = F.pad(x2d, (0, self.padded_in_features - self.in_features))  # [M, Kp]
-        y = kernels.int4_mm(x2d, self.packed_weight, self.group_size, self.kernel_scales_and_zeros)  # [M, rows]
+        y = kernels.int4_mm(x2d, buffers["packed_weight"], self.group_size, sz)  # [M, rows]
         return y[:, : self.out_features] if self.kernel_rows != self.out_features else y
 
     # -- keep the kernel layout out of checkpoints and device moves ------------------------------------------

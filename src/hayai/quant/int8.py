@@ -71,6 +71,7 @@ class Int8Linear(QuantizedLinear):
         return dequantize_int8_rows(self.qweight, self.scales, dtype or self.scales.dtype)  # [N, K]
 
     def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
-        if kernels.int8_kernel_usable(x2d.device.type, x2d.dtype):
-            return kernels.int8_mm(x2d, self.qweight, self.scales)  # [M, N]
+        if kernels.int8_kernel_usable("cpu" if x2d.is_cpu else x2d.device.type, x2d.dtype):
+            buffers = self._buffers  # see QuantizedLinear.forward
+            return kernels.int8_mm(x2d, buffers["qweight"], buffers["scales"])  # [M, N]
         return F.linear(x2d, self.dequantize_weight(x2d.dtype))

@@ -102,7 +102,7 @@ def int4_kernel_usable(device_type: str, dtype: torch.dtype) -> bool:
 # ---------------------------------------------------------------------------------------------------------
 def int8_mm(x2d: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """``[M, K] x int8 [N, K] -> [M, N]``, ``y = (x · qᵀ) ⊙ s`` (scales cast to x's dtype)."""
-    return torch._weight_int8pack_mm(x2d, qweight, scales.to(x2d.dtype))
+    return torch._weight_int8pack_mm(x2d, qweight, scales if scales.dtype == x2d.dtype else scales.to(x2d.dtype))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -118,17 +118,17 @@ def cuda_inner_k_tiles(k: int) -> int:
 
 def int4_pack(portable: torch.Tensor, k: int) -> torch.Tensor:
     """Portable ``uint8 [N, K/2]`` codes (on the target device) -> the kernel layout of that device."""
-    if portable.device.type == "cuda":
-        return torch.ops.aten._convert_weight_to_int4pack(portable.contiguous(), cuda_inner_k_tiles(k))
-    codes = unpack_nibbles(portable).to(torch.int32)  # [N, K]
-    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
+    if portable.is_cpu:
+        codes = unpack_nibbles(portable).to(torch.int32)  # [N, K]
+        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
+    return torch.ops.aten._convert_weight_to_int4pack(portable.contiguous(), cuda_inner_k_tiles(k))
 
 
 def int4_mm(x2d: torch.Tensor, packed: torch.Tensor, group_size: int, scales_and_zeros: torch.Tensor) -> torch.Tensor:
     """``[M, K] x int4 [N, K] -> [M, N]`` with the tinygemm kernel of x's device."""
-    if x2d.device.type == "cuda":
-        return torch.ops.aten._weight_int4pack_mm(x2d.contiguous(), packed, group_size, scales_and_zeros)
-    return torch.ops.aten._weight_int4pack_mm_for_cpu(x2d.contiguous(), packed, group_size, scales_and_zeros)
+    if x2d.is_cpu:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2d.contiguous(), packed, group_size, scales_and_zeros)
+    return torch.ops.aten._weight_int4pack_mm(x2d.contiguous(), packed, group_size, scales_and_zeros)
 
 
 def _packed_nibbles(packed: torch.Tensor) -> torch.Tensor:
