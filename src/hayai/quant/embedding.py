@@ -125,7 +125,7 @@ class QuantizedEmbedding(nn.Module):
         if self.bits == 8:
             rows = codes[ids].float() * stats[ids].float().unsqueeze(-1)  # [..., D]
             return rows.to(stats.dtype)
-        q = kernels.unpack_nibbles(codes[ids]).float()  # [..., Dp]
+        q = kernels.unpack_nibbles(codes[ids], torch.float32)  # [..., Dp]
         groups = stats.shape[0]
         sz = stats[:, ids].movedim(0, -2).float()  # [..., K/G, 2]
         rows = (q.unflatten(-1, (groups, -1)) - MID) * sz[..., :1] + sz[..., 1:]  # [..., K/G, G]

@@ -72,7 +72,7 @@ def dequantize_int4_groups(codes: torch.Tensor, scales_and_zeros: torch.Tensor, 
                            dtype: torch.dtype) -> torch.Tensor:
     """Inverse of `quantize_int4_groups`: ``(q − 8) · scale + zero`` in fp32 -> ``[N, in_features]`` in dtype."""
     groups, n, _ = scales_and_zeros.shape
-    q = kernels.unpack_nibbles(codes).float().view(n, groups, -1)  # [N, K/G, G]
+    q = kernels.unpack_nibbles(codes, torch.float32).view(n, groups, -1)  # [N, K/G, G]
     scale = scales_and_zeros[..., 0].t().float().unsqueeze(-1)  # [N, K/G, 1]
     zero = scales_and_zeros[..., 1].t().float().unsqueeze(-1)
     w = ((q - MID) * scale + zero).view(n, -1)  # [N, Kp]

@@ -44,9 +44,12 @@ def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
     return (codes[..., 0::2] << 4) | codes[..., 1::2]
 
 
-def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of `pack_nibbles`: ``[..., m]`` uint8 -> ``[..., 2m]`` uint8 codes."""
-    return torch.stack((packed >> 4, packed & 0x0F), dim=-1).flatten(-2)
+def unpack_nibbles(packed: torch.Tensor, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+    """Inverse of `pack_nibbles`: ``[..., m]`` uint8 -> ``[..., 2m]`` codes in ``dtype``."""
+    codes = torch.empty(*packed.shape[:-1], 2 * packed.shape[-1], dtype=dtype, device=packed.device)
+    codes[..., 0::2] = packed >> 4
+    codes[..., 1::2] = packed & 0x0F
+    return codes
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -119,8 +122,8 @@ def cuda_inner_k_tiles(k: int) -> int:
 def int4_pack(portable: torch.Tensor, k: int) -> torch.Tensor:
     """Portable ``uint8 [N, K/2]`` codes (on the target device) -> the kernel layout of that device."""
     if portable.is_cpu:
-        codes = unpack_nibbles(portable).to(torch.int32)  # [N, K]
-        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
+        codes = unpack_nibbles(portable, torch.int32)  # [N, K]
+        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
     return torch.ops.aten._convert_weight_to_int4pack(portable.contiguous(), cuda_inner_k_tiles(k))
 
 
