@@ -57,7 +57,7 @@ class SchedulerClosedError(HayaiError):
 
 
 @dataclass(frozen=True)
-class Request:
+class GenerationRequest:
     """One generation request. `stop_token_ids` None means the tokenizer's end-of-sequence ids."""
 
     prompt_ids: Sequence[int]
@@ -114,7 +114,7 @@ _ids = itertools.count(1)
 class Ticket:
     """A submitted request. `cancel()` (any thread) frees its row before the next decode step."""
 
-    def __init__(self, request: Request, sink: Sink, scheduler: Scheduler):
+    def __init__(self, request: GenerationRequest, sink: Sink, scheduler: Scheduler):
         self.id = next(_ids)
         self.request = request
         self.sink = sink
@@ -246,7 +246,7 @@ class Scheduler:
         self.close()
 
     # ---- submitting ---------------------------------------------------------------------------------------------
-    def check(self, request: Request) -> None:
+    def check(self, request: GenerationRequest) -> None:
         """Raise a HayaiError when the request can never run here (empty prompt, too long, bad max_tokens)."""
         if not request.prompt_ids:
             raise ConfigError("the prompt is empty")
@@ -261,7 +261,7 @@ class Scheduler:
         if any(not 0 <= t < vocab for t in request.prompt_ids):
             raise ConfigError(f"prompt token ids must be in 0..{vocab - 1}")
 
-    def submit(self, request: Request, sink: Sink) -> Ticket:
+    def submit(self, request: GenerationRequest, sink: Sink) -> Ticket:
         """Queue a request; events go to `sink` on the engine thread. Raises QueueFullError when full."""
         self.check(request)
         ticket = Ticket(request, sink, self)
@@ -276,7 +276,7 @@ class Scheduler:
             self._wake.notify_all()
         return ticket
 
-    def generate(self, request: Request, timeout: float | None = None) -> Completion:
+    def generate(self, request: GenerationRequest, timeout: float | None = None) -> Completion:
         """Submit and wait for the result (any thread but the engine thread)."""
         done = threading.Event()
         result: list[Event] = []

@@ -1,0 +1,83 @@
+"""`hayai serve`: an OpenAI-compatible server with continuous batching, and a browser chat page at /."""
+
+from __future__ import annotations
+
+import inspect
+
+import typer
+
+from hayai.cli.app import app, err
+from hayai.cli.generate_cmd import DeviceOption, DtypeOption, ThreadsOption
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@app.command()
+def serve(
+    model: str = typer.Argument(None, help="Store name, known name, HF checkpoint dir or .gguf file "
+                                           "(default: smollm2-135m-instruct)."),
+    adapter: str = typer.Option(None, "--adapter", help="A PEFT-format adapter directory to apply."),
+    quant: str = typer.Option(None, "--quant", help="Quantize the weights on load (e.g. int8, int4, nf4)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (loopback by default; anything else "
+                                                         "exposes the server to the network)."),
+    port: int = typer.Option(8000, "--port", help="TCP port."),
+    api_key: str = typer.Option(None, "--api-key", envvar="HAYAI_API_KEY",
+                                help="Require 'Authorization: Bearer KEY' on every /v1 route."),
+    max_batch: int = typer.Option(16, "--max-batch", help="Requests decoded together."),
+    max_queue: int = typer.Option(64, "--max-queue", help="Requests that may wait for a batch row; beyond that "
+                                                          "the server answers 503 with Retry-After."),
+    max_context: int = typer.Option(None, "--max-context", help="Most tokens (prompt + answer) per request "
+                                                                "(default: the model's context window)."),
+    max_tokens_cap: int = typer.Option(None, "--max-tokens-cap", help="Largest max_tokens a request may ask for."),
+    max_body: int = typer.Option(1 << 20, "--max-body-bytes", help="Largest request body accepted."),
+    prefill_chunk: int = typer.Option(512, "--prefill-chunk", help="Prompt tokens prefilled per scheduler step "
+                                                                   "(long prompts do not stall running answers)."),
+    served_name: str = typer.Option(None, "--served-model-name", help="The model id clients use "
+                                                                      "(default: the model's store name)."),
+    log_level: str = typer.Option("info", "--log-level", help="uvicorn log level (warning hides access logs)."),
+    dtype: str = DtypeOption,
+    device: str = DeviceOption,
+    threads: int = ThreadsOption,
+) -> None:
+    """Serve a model behind the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models) with a chat page."""
+    import uvicorn
+
+    from hayai.api import load
+    from hayai.cli.progress import progress_bar
+    from hayai.errors import ConfigError
+    from hayai.serve.app import LOOPBACK_HOSTS, ServeSettings, create_app
+    from hayai.serve.scheduler import Scheduler
+
+    if max_tokens_cap is not None and max_tokens_cap < 1:
+        raise ConfigError(f"--max-tokens-cap must be >= 1, got {max_tokens_cap}")
+    extra = _load_options(adapter=adapter, quant=quant)
+    with progress_bar() as progress:
+        llm = load(model, dtype=dtype, device=device, threads=threads, progress=progress, **extra)
+    scheduler = Scheduler(llm.model, llm.tokenizer, max_batch=max_batch, max_queue=max_queue,
+                          max_length=max_context, prefill_chunk=prefill_chunk)
+    name = served_name or llm.info.name
+    loopback = host in LOOPBACK
+    settings = ServeSettings(model_name=name, aliases=(llm.info.name,) if served_name else (), api_key=api_key or None,
+                             max_tokens_cap=max_tokens_cap, max_body_bytes=max_body,
+                             allowed_hosts=LOOPBACK_HOSTS if loopback else frozenset())
+    application = create_app(scheduler, llm.tokenizer, settings)
+    shown = f"[{host}]" if ":" in host else host
+    err.print(f"[bold]{name}[/] on http://{shown}:{port} — chat page at /, OpenAI API at /v1 "
+              f"(batch {max_batch}, queue {max_queue}{', API key required' if api_key else ''})")
+    if not loopback and not api_key:
+        err.print(f"[yellow]warning:[/] listening on {host} without --api-key: anyone who can reach this machine "
+                  "can use the server")
+    uvicorn.run(application, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+
+
+def _load_options(**options: str | None) -> dict[str, str]:
+    """The load options given, checked against what this version's `hayai.load` accepts."""
+    from hayai.api import load
+    from hayai.errors import ConfigError
+
+    accepted = inspect.signature(load).parameters
+    given = {k: v for k, v in options.items() if v is not None}
+    for key in given:
+        if key not in accepted:
+            raise ConfigError(f"--{key} is not available in this version of hayai (hayai.load has no '{key}')")
+    return given
