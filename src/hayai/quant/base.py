@@ -14,7 +14,8 @@ backward (QLoRA, Dettmers et al. 2023, arXiv:2305.14314, §3: "we dequantize the
 computation data type to perform the forward and backward pass").
 
 Other layers rely on this interface (LoRA wraps these modules): ``in_features``, ``out_features``, ``bias``
-(Parameter or None), ``forward``, ``dequantize_weight``.
+(Parameter or None), ``forward``, ``dequantize_weight``. ``forward`` returns x's dtype, except that an fp32
+input under ``torch.autocast`` is computed in the autocast dtype (as ``nn.Linear`` would be).
 """
 
 from __future__ import annotations
