@@ -86,9 +86,15 @@ def _strides(x: torch.Tensor | None) -> tuple[int, int, int, int]:
 
 
 def _launch_options(block_d: int, dtype: torch.dtype, interpreting: bool) -> dict:
-    opts = {"BLOCK_D": block_d, "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32"}
+    """Constexprs and launch settings. fp32 dots are IEEE (no silent TF32); half types use the default.
+
+    num_stages=1 (as in the FlashAttention repository's Triton kernel) keeps shared memory small enough for
+    fp32 tiles at head_dim 128; these settings are not tuned (no autotuning yet).
+    """
+    opts = {"BLOCK_D": block_d, "DOT_PRECISION": "ieee" if dtype == torch.float32 else None}
     if not interpreting:
         opts["num_warps"] = 4 if block_d <= 64 else 8
+        opts["num_stages"] = 1
     return opts
 
 
@@ -217,6 +223,10 @@ class TritonFlashAttention(AttentionKernel):
                 f"{name}: block sizes must be >= 16 on GPUs, got {self.block_m}, {self.block_n}"
             )
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-        b, h, t, _ = q.shape
+        b, h, t, d = q.shape
         kmask = _mask_for_kernel(mask, (b, h, t, k.shape[2]))
-        return _TritonFlashAttentionFn.apply(q, k, v, kmask, causal, scale, self.block_m, self.block_n)
+        block_m, block_n = self.block_m, self.block_n
+        if q.device.type == "cuda" and q.dtype == torch.float32 and d > 64:
+            # fp32 tiles at head_dim 128 need ~160 KB of shared memory at 64 x 64; 32 x 32 fits every GPU
+            block_m, block_n = min(block_m, 32), min(block_n, 32)
+        return _TritonFlashAttentionFn.apply(q, k, v, kmask, causal, scale, block_m, block_n)

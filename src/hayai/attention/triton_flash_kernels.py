@@ -14,8 +14,8 @@ no fp32 dQ scratch buffer, and with GQA each dK/dV program owns its kv head's gr
 
 Scores, softmax statistics and accumulators are fp32. Masked scores are -inf; a row that has seen no
 visible key keeps m = -inf and uses 0 as its reference max, so exp(-inf - 0) = 0 and no NaN appears (the
-same guard as the reference). `DOT_PRECISION` is "ieee" for fp32 inputs (no silent TF32) and ignored for
-fp16/bf16.
+same guard as the reference). `DOT_PRECISION` is "ieee" for fp32 inputs (no silent TF32) and None (the
+default) for fp16/bf16.
 """
 
 from __future__ import annotations
