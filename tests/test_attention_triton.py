@@ -24,7 +24,9 @@ CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 D = 16
 
-_SET_INTERPRET = not CUDA and "triton" not in sys.modules and "TRITON_INTERPRET" not in os.environ
+_SET_INTERPRET = (
+    not CUDA and triton_installed() and "triton" not in sys.modules and "TRITON_INTERPRET" not in os.environ
+)
 if _SET_INTERPRET:
     os.environ["TRITON_INTERPRET"] = "1"
 
