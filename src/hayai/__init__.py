@@ -8,6 +8,7 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from hayai.api import LLM
+    from hayai.finetuning import FinetuneResult
 
 
 def load(name_or_path: str | None = None, **kwargs: Any) -> LLM:
@@ -17,4 +18,11 @@ def load(name_or_path: str | None = None, **kwargs: Any) -> LLM:
     return _load(name_or_path, **kwargs)
 
 
-__all__ = ["__version__", "load"]
+def finetune(model: str | None = None, data: str | None = None, **kwargs: Any) -> FinetuneResult:
+    """Fine-tune a model on a JSONL file (LoRA, QLoRA, (IA)³, full, LOMO, AdaLomo). See `hayai.finetuning.finetune`."""
+    from hayai.finetuning import finetune as _finetune
+
+    return _finetune(model, data, **kwargs)
+
+
+__all__ = ["__version__", "finetune", "load"]
