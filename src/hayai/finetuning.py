@@ -1,0 +1,542 @@
+"""`hayai.finetune(...)`: fine-tune a model on a JSONL file in one call, and `merge_adapter` to fold the result in.
+
+    import hayai
+    result = hayai.finetune("smollm2", data="train.jsonl", method="lora", output="out/my-lora")
+    print(result)
+
+Methods (see each module for the formula and the paper):
+  lora      LoRA on every linear layer (PEFT's "all-linear"), frozen base in the autocast dtype   hayai.peft.lora
+  qlora     LoRA over an NF4 (4-bit, double-quantized) frozen base                               hayai.quant.nf4
+  ia3       (IA)³ vectors on k, v and the FFN input                                              hayai.peft.ia3
+  full      every parameter, AdamW                                                               hayai.train.optim
+  lomo      every parameter, SGD fused into backward                                             hayai.train.lomo
+  adalomo   every parameter, AdaLomo fused into backward                                         hayai.train.lomo
+
+The output directory holds the PEFT adapter (lora/qlora/ia3: `adapter_config.json` +
+`adapter_model.safetensors`, loadable by `peft.PeftModel.from_pretrained` and `hayai generate --adapter`) or a
+full model directory (full/lomo/adalomo: loadable by `hayai generate -m DIR` and HF `from_pretrained`), plus
+`training_log.jsonl`, `loss_curve.png`, `hayai_finetune.json` (settings and results) and `checkpoints/`.
+
+Before training, the memory a step needs is estimated (`hayai.train.memory`): activation checkpointing turns
+on by itself when the run would not fit without it, and the run is refused, with the numbers and what would
+help, when it would not fit with it either.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from hayai.errors import ConfigError
+from hayai.models.loading import ModelInfo, load_model
+from hayai.models.tokenizer import Tokenizer
+from hayai.runtime import configure_threads, cpu_has_fast_bf16, resolve_device
+from hayai.train.checkpointing import activation_checkpointing_removed, apply_activation_checkpointing
+from hayai.train.data import DataLoader, LoadedData, Record, prompt_text, read_jsonl, tokenize_records
+from hayai.train.export import save_model_directory
+from hayai.train.lomo import AdaLomo, Lomo
+from hayai.train.loss import ChunkedCrossEntropy, FullCrossEntropy
+from hayai.train.memory import (
+    MemoryEstimate,
+    check_fits,
+    default_budget,
+    estimate_memory,
+    fmt_bytes,
+    probe_activations,
+)
+from hayai.train.optim import OptimizerUpdate, UpdateRule
+from hayai.train.report import plot_loss_curve
+from hayai.train.schedule import LRSchedule, warmup_steps_for
+from hayai.train.trainer import Trainer, TrainEvent, latest_checkpoint, trainable_parameters
+
+METHODS = ("lora", "qlora", "ia3", "full", "lomo", "adalomo")
+ADAPTER_METHODS = ("lora", "qlora", "ia3")
+DEFAULT_LR = {"lora": 2e-4, "qlora": 2e-4, "ia3": 3e-3, "full": 2e-5, "lomo": 1e-2, "adalomo": 5e-4}
+METADATA_FILE = "hayai_finetune.json"
+Callback = Callable[[TrainEvent], None]
+
+
+@dataclass
+class FinetuneConfig:
+    """Every setting of a fine-tuning run (the keyword arguments of `hayai.finetune`)."""
+
+    method: str = "lora"
+    # data
+    seq_len: int = 512
+    packing: bool = True
+    train_on_prompt: bool = False
+    skip_bad: bool = False
+    # steps and optimisation
+    max_steps: int | None = None  # default: `epochs` passes over the data
+    epochs: float = 1.0
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float | None = None  # default per method (DEFAULT_LR)
+    schedule: str = "cosine"
+    warmup: float | int = 0.03  # a fraction of the steps, or a step count
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.0
+    max_grad_norm: float | str | None = "auto"  # auto: 1.0, but none for adalomo (its authors' advice)
+    # adapters
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    target_modules: str | list[str] = "all-linear"
+    use_rslora: bool = False
+    # memory
+    gradient_checkpointing: bool | None = None  # None: only when needed to fit
+    autocast: str = "auto"  # auto (bf16 where the hardware has it) | bf16 | fp16 | none
+    chunked_loss: bool = True
+    memory_limit: int | None = None  # bytes; default: what the machine has available
+    # run
+    seed: int = 0
+    eval_every: int = 0
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    resume: bool | str = False
+    overwrite: bool = False
+    exact_match: bool = False
+    max_new_tokens: int | None = None
+    device: str = "auto"
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        for name in ("seq_len", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.autocast not in ("auto", "bf16", "fp16", "none"):
+            raise ConfigError(f"autocast must be auto, bf16, fp16 or none, got {self.autocast!r}")
+        if self.method in ("lomo", "adalomo") and self.grad_accum > 1:
+            raise ConfigError(f"{self.method} updates inside backward and cannot accumulate gradients; use "
+                              "grad_accum 1 and a larger batch size")
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR[self.method]
+
+    @property
+    def grad_norm_limit(self) -> float | None:
+        if self.max_grad_norm == "auto":
+            return None if self.method == "adalomo" else 1.0
+        return None if self.max_grad_norm is None else float(self.max_grad_norm)
+
+
+@dataclass
+class ExactMatch:
+    """Exact-match accuracy of greedy answers against the reference answers."""
+
+    correct: int
+    total: int
+    samples: list[tuple[str, str, str]] = field(default_factory=list)  # (prompt, expected, generated)
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        return f"{self.accuracy:.1%} ({self.correct}/{self.total})"
+
+
+@dataclass
+class FinetuneResult:
+    output_dir: Path
+    method: str
+    steps: int
+    losses: list[float]
+    eval_losses: list[tuple[int, float]]
+    tokens_per_second: float
+    seconds: float
+    peak_memory_bytes: int
+    memory_estimate: MemoryEstimate | None
+    trainable_parameters: int
+    total_parameters: int
+    train_examples: int
+    skipped_lines: list[tuple[int, str]] = field(default_factory=list)
+    exact_match_before: ExactMatch | None = None
+    exact_match_after: ExactMatch | None = None
+    resumed_from: int = 0
+
+    def __str__(self) -> str:
+        lines = [f"{self.method}: {self.steps} steps in {self.seconds:.0f} s, {self.tokens_per_second:.0f} tokens/s, "
+                 f"peak memory {fmt_bytes(self.peak_memory_bytes)}",
+                 f"trainable parameters: {self.trainable_parameters:,} of {self.total_parameters:,}"]
+        if self.losses:
+            lines.append(f"loss: {self.losses[0]:.4f} (step 1) -> {self.losses[-1]:.4f} (step {len(self.losses)})")
+        if self.eval_losses:
+            lines.append(f"eval loss: {self.eval_losses[-1][1]:.4f}")
+        if self.exact_match_before is not None:
+            lines.append(f"exact match before: {self.exact_match_before}")
+        if self.exact_match_after is not None:
+            lines.append(f"exact match after:  {self.exact_match_after}")
+        lines.append(f"saved to {self.output_dir}")
+        return "\n".join(lines)
+
+
+# ---- setup helpers -----------------------------------------------------------------------------------------------
+def resolve_autocast(choice: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for `choice` ("auto": bf16 on GPUs that have it and CPUs with native bf16)."""
+    if choice == "none":
+        return None
+    if choice == "bf16":
+        return torch.bfloat16
+    if choice == "fp16":
+        if device.type != "cuda":
+            raise ConfigError("fp16 autocast is for GPUs; on CPU use bf16 or none")
+        raise ConfigError("fp16 training needs loss scaling, which hayai does not implement; use bf16 or none")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if cpu_has_fast_bf16() else None
+
+
+def _cast_frozen_linears(model: nn.Module, dtype: torch.dtype) -> None:
+    """Store frozen nn.Linear weights in `dtype` (the autocast dtype: they are only ever read in it), except a
+    weight shared with the embedding table, which stays fp32 with the embeddings and norms."""
+    embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    for module in model.modules():
+        if type(module) is nn.Linear and id(module.weight) not in embedding_weights:
+            module.to(dtype)
+
+
+def prepare_model(model: nn.Module, config: FinetuneConfig, autocast_dtype: torch.dtype | None) -> str:
+    """Apply the method's transforms in place; returns the update rule's name (adamw | lomo | adalomo)."""
+    from hayai.peft import apply_ia3, apply_lora
+
+    method = config.method
+    if method == "qlora":
+        from hayai.quant import quantize_model
+
+        quantize_model(model, "nf4", double_quant=True)
+    elif method in ADAPTER_METHODS and autocast_dtype is not None:
+        _cast_frozen_linears(model, autocast_dtype)
+    if method in ("lora", "qlora"):
+        apply_lora(model, target_modules=config.target_modules, r=config.lora_r, alpha=config.lora_alpha,
+                   dropout=config.lora_dropout, use_rslora=config.use_rslora)
+        return "adamw"
+    if method == "ia3":
+        apply_ia3(model)
+        return "adamw"
+    model.requires_grad_(True)
+    return "adamw" if method == "full" else method
+
+
+def build_update_rule(rule: str, model: nn.Module, config: FinetuneConfig) -> UpdateRule:
+    named = trainable_parameters(model)
+    if rule == "lomo":
+        return Lomo(named, weight_decay=config.weight_decay, max_grad_norm=config.grad_norm_limit)
+    if rule == "adalomo":
+        return AdaLomo(named, weight_decay=config.weight_decay, max_grad_norm=config.grad_norm_limit)
+    return OptimizerUpdate(named, weight_decay=config.weight_decay, max_grad_norm=config.grad_norm_limit)
+
+
+def _probe_batch(seq_len: int, vocab: int, packing: bool):
+    from hayai.train.data import Row, collate
+
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (seq_len + 1,), generator=generator).tolist()
+    return collate([Row(tuple(ids[:-1]), tuple(ids[1:]), (seq_len,))], pad_id=0, packed=packing)
+
+
+def plan_memory(trainer: Trainer, model: nn.Module, config: FinetuneConfig, rule: str,
+                device: torch.device) -> MemoryEstimate:
+    """Probe activations, choose activation checkpointing ("auto": only if needed) and refuse what cannot fit."""
+    blocks = list(model.model.layers)
+    batch = _probe_batch(config.seq_len, model.config.vocab_size, config.packing)
+    model.train()
+    probe = probe_activations(model, lambda: trainer.batch_loss(batch), blocks)
+    chunk = ChunkedCrossEntropy()._chunk(model.config.vocab_size) if config.chunked_loss else config.seq_len
+    budget = config.memory_limit or default_budget(device)
+
+    def estimate(checkpointing: bool) -> MemoryEstimate:
+        return estimate_memory(model, probe, rule=rule, batch_size=config.batch_size, seq_len=config.seq_len,
+                               checkpointing=checkpointing, vocab_size=model.config.vocab_size,
+                               chunk_tokens=chunk * (1 if config.chunked_loss else config.batch_size))
+
+    if config.gradient_checkpointing is None:
+        plan = estimate(False)
+        if plan.total > budget:
+            plan = estimate(True)
+            plan.notes.append("activation checkpointing turned on: the run would not fit without it")
+    else:
+        plan = estimate(config.gradient_checkpointing)
+    check_fits(plan, budget, device)
+    plan.notes.append(f"budget {fmt_bytes(budget)}")
+    if plan.checkpointing:
+        apply_activation_checkpointing(model)
+    return plan
+
+
+class AutocastLM(nn.Module):
+    """A causal LM whose forward passes run under autocast to `dtype`, with its KV cache in `dtype`: how a model
+    with bf16 frozen weights and fp32 adapters/embeddings/norms (the training layout) generates."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.inner = model
+        self.compute_dtype = dtype
+        self.config = model.config
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.compute_dtype)
+
+    @property
+    def device(self) -> torch.device:
+        return self.inner.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.compute_dtype
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        with self._autocast():
+            return self.inner(*args, **kwargs)
+
+    def hidden(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        with self._autocast():
+            return self.inner.hidden(*args, **kwargs)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            return self.inner.logits(hidden)
+
+    def new_cache(self, batch_size: int, max_length: int):
+        from hayai.models.kv_cache import KVCache
+
+        return KVCache.for_model(self.config, batch_size, max_length, self.compute_dtype, self.device)
+
+
+def exact_match(model: nn.Module, tokenizer: Tokenizer, records: Sequence[Record], *,
+                max_new_tokens: int | None = None, autocast_dtype: torch.dtype | None = None,
+                batch_size: int = 32, progress: Callable[[int, int], None] | None = None) -> ExactMatch:
+    """Greedy answers to each record's prompt compared, after stripping whitespace, with its last assistant turn."""
+    from hayai.decode.engine import Engine
+
+    records = [r for r in records if r.messages]
+    if not records:
+        raise ConfigError("exact match needs chat or instruction records with answers")
+    prompts = [tokenizer.encode(prompt_text(r, tokenizer), add_special_tokens=not tokenizer.has_chat_template)
+               for r in records]
+    if max_new_tokens is None:
+        longest = max(len(tokenizer.encode(r.answer, add_special_tokens=False)) for r in records)
+        max_new_tokens = min(512, longest + 16)
+    was_training = model.training
+    model.eval()
+    engine = Engine(AutocastLM(model, autocast_dtype) if autocast_dtype is not None else model, tokenizer)
+    # Batches of equal-length prompts: no padding to compute, and every row writes the same cache slots.
+    order = sorted(range(len(records)), key=lambda i: (len(prompts[i]), i))
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and len(groups[-1]) < batch_size and len(prompts[groups[-1][0]]) == len(prompts[i]):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    texts: dict[int, str] = {}
+    for group in groups:
+        outputs = engine.generate_batch([prompts[i] for i in group], max_new_tokens=max_new_tokens)
+        texts.update({i: output.text for i, output in zip(group, outputs, strict=True)})
+        if progress:
+            progress(len(texts), len(records))
+    correct, samples = 0, []
+    for i, record in enumerate(records):
+        correct += texts[i].strip() == record.answer.strip()
+        if len(samples) < 5:
+            samples.append((record.prompt_messages[-1]["content"], record.answer, texts[i]))
+    model.train(was_training)
+    return ExactMatch(correct, len(records), samples)
+
+
+def _check_output(output: Path, config: FinetuneConfig) -> None:
+    has_run = (output / "checkpoints").is_dir() or (output / METADATA_FILE).exists()
+    if has_run and not config.resume and not config.overwrite:
+        raise ConfigError(f"{output} already holds a training run; pass resume=True (--resume) to continue it or "
+                          "overwrite=True (--overwrite) to start over")
+    if config.overwrite and not config.resume:
+        import shutil
+
+        shutil.rmtree(output / "checkpoints", ignore_errors=True)
+        (output / "training_log.jsonl").unlink(missing_ok=True)
+
+
+def _resume_path(output: Path, resume: bool | str) -> Path | None:
+    if not resume:
+        return None
+    if isinstance(resume, str) and resume not in ("latest", "true", "True"):
+        return Path(resume)
+    found = latest_checkpoint(output)
+    if found is None:
+        raise ConfigError(f"nothing to resume: no checkpoint under {output / 'checkpoints'} (save them with "
+                          "save_every / --save-every)")
+    return found
+
+
+def _emit(callback: Callback | None, kind: str, **kwargs: Any) -> None:
+    if callback is not None:
+        callback(TrainEvent(kind, kwargs.pop("step", 0), kwargs.pop("total_steps", 0), **kwargs))
+
+
+def _read(path: str | os.PathLike, skip_bad: bool) -> LoadedData:
+    return read_jsonl(path, skip_bad=skip_bad)
+
+
+# ---- the facade ------------------------------------------------------------------------------------------------
+def finetune(model: str | None = None, data: str | os.PathLike | None = None, *, output: str | os.PathLike,
+             eval_data: str | os.PathLike | None = None, callback: Callback | None = None,
+             **settings: Any) -> FinetuneResult:
+    """Fine-tune `model` (store name, known name or HF checkpoint dir; default: the default model) on the JSONL
+    file `data` and write the result to `output`. `settings` are the fields of `FinetuneConfig`; `callback`
+    receives `TrainEvent`s (stages, the memory estimate, steps, evaluations, checkpoints)."""
+    if data is None:
+        raise ConfigError("no training data: pass data='file.jsonl'")
+    config = FinetuneConfig(**settings)
+    output = Path(output)
+    _check_output(output, config)
+    configure_threads(config.threads)
+    device = resolve_device(config.device)
+    autocast_dtype = resolve_autocast(config.autocast, device)
+
+    _emit(callback, "stage", message="loading the model")
+    net, tokenizer, info = load_model(model, dtype=torch.float32, device=device)
+    train_data = _read(data, config.skip_bad)
+    eval_records = _read(eval_data, config.skip_bad).records if eval_data is not None else []
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    rule = prepare_model(net, config, autocast_dtype)
+
+    _emit(callback, "stage", message="tokenizing the data")
+    train_tok = tokenize_records(train_data.records, tokenizer, config.seq_len, config.train_on_prompt)
+    loader = DataLoader(train_tok.examples, batch_size=config.batch_size, seq_len=config.seq_len,
+                        pad_id=tokenizer.pad_token_id, packing=config.packing, seed=config.seed)
+    eval_loader = None
+    if eval_records:
+        eval_tok = tokenize_records(eval_records, tokenizer, config.seq_len, config.train_on_prompt)
+        if eval_tok.examples:
+            eval_loader = DataLoader(eval_tok.examples, batch_size=config.batch_size, seq_len=config.seq_len,
+                                     pad_id=tokenizer.pad_token_id, packing=config.packing, shuffle=False)
+    steps = config.max_steps or max(1, math.ceil(config.epochs * loader.batches_per_epoch() / config.grad_accum))
+    schedule = LRSchedule(config.learning_rate, steps, warmup_steps_for(steps, config.warmup), config.schedule,
+                          config.min_lr_ratio)
+    update = build_update_rule(rule, net, config)
+    trainer = Trainer(net, loader, update, schedule, max_steps=steps, grad_accum=config.grad_accum,
+                      loss=ChunkedCrossEntropy() if config.chunked_loss else FullCrossEntropy(),
+                      autocast_dtype=autocast_dtype, eval_loader=eval_loader, eval_every=config.eval_every,
+                      save_every=config.save_every, output_dir=output, keep_checkpoints=config.keep_checkpoints,
+                      callback=callback)
+
+    _emit(callback, "stage", message="estimating memory")
+    plan = plan_memory(trainer, net, config, rule, device)
+    _emit(callback, "memory", message=plan.summary(), detail=plan)
+    resume_from = _resume_path(output, config.resume)
+    if resume_from is not None:
+        trainer.load_checkpoint(resume_from)
+        _emit(callback, "stage", message=f"resumed from {resume_from} (step {trainer.step})")
+
+    before = None
+    if config.exact_match and eval_records and trainer.step == 0:
+        _emit(callback, "stage", message="exact match before training")
+        before = exact_match(net, tokenizer, eval_records, max_new_tokens=config.max_new_tokens,
+                             autocast_dtype=autocast_dtype)
+        _emit(callback, "exact_match", message=f"before training: {before}", detail=before)
+
+    _emit(callback, "stage", message="training")
+    started = time.perf_counter()
+    result = trainer.train()
+    seconds = time.perf_counter() - started
+
+    _emit(callback, "stage", message=f"saving to {output}")
+    _save_outputs(net, tokenizer, info, config, output)
+    after = None
+    if config.exact_match and eval_records:
+        _emit(callback, "stage", message="exact match after training")
+        after = exact_match(net, tokenizer, eval_records, max_new_tokens=config.max_new_tokens,
+                            autocast_dtype=autocast_dtype)
+        _emit(callback, "exact_match", message=f"after training: {after}", detail=after)
+
+    from hayai.peft import trainable_parameters_summary
+
+    summary = trainable_parameters_summary(net)
+    finished = FinetuneResult(output, config.method, result.steps, result.losses, result.eval_losses,
+                              result.tokens_per_second, seconds, result.peak_memory_bytes, plan,
+                              summary.trainable, summary.total, len(train_tok.examples), train_data.skipped,
+                              before, after, result.resumed_from)
+    plot_loss_curve(result.losses, result.eval_losses, output / "loss_curve.png",
+                    title=f"{info.name}: {config.method}")
+    _write_metadata(output, info, config, finished, train_tok)
+    return finished
+
+
+def _save_outputs(model: nn.Module, tokenizer: Tokenizer, info: ModelInfo, config: FinetuneConfig,
+                  output: Path) -> None:
+    output.mkdir(parents=True, exist_ok=True)
+    if config.method in ADAPTER_METHODS:
+        from hayai.peft import save_adapter
+
+        with activation_checkpointing_removed(model):
+            save_adapter(model, output, base_model_name_or_path=str(info.path))
+    else:
+        save_model_directory(model, tokenizer, output)
+
+
+def _write_metadata(output: Path, info: ModelInfo, config: FinetuneConfig, result: FinetuneResult,
+                    tokenized) -> None:
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("resume", "overwrite")}
+    data = {
+        "base_model": info.name, "base_model_path": str(info.path), "method": config.method, "settings": settings,
+        "steps": result.steps, "final_loss": result.losses[-1] if result.losses else None,
+        "eval_losses": result.eval_losses, "tokens_per_second": result.tokens_per_second,
+        "peak_memory_bytes": result.peak_memory_bytes, "train_examples": result.train_examples,
+        "truncated_examples": tokenized.truncated, "dropped_examples": tokenized.dropped,
+        "skipped_lines": len(result.skipped_lines),
+        "memory_estimate": dataclasses.asdict(result.memory_estimate) if result.memory_estimate else None,
+        "exact_match_before": result.exact_match_before.accuracy if result.exact_match_before else None,
+        "exact_match_after": result.exact_match_after.accuracy if result.exact_match_after else None,
+    }
+    (output / METADATA_FILE).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
+    """The `hayai_finetune.json` of a training output directory ({} when there is none)."""
+    path = Path(directory) / METADATA_FILE
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+
+
+def merge_adapter(model: str | None, adapter: str | os.PathLike, output: str | os.PathLike, *,
+                  dtype: torch.dtype = torch.float32, base_quant: str | None = "auto") -> Path:
+    """Fold a PEFT adapter into its base model and write a full model directory.
+
+    `base_quant`: "nf4" quantizes the base first, so the merged weights are exactly what a QLoRA adapter was
+    trained against, dequantized (PEFT issue #2321); "auto" does so when the adapter's training metadata says
+    qlora; None merges into the float base.
+    """
+    from hayai.peft import load_adapter, merge_and_unload
+
+    if base_quant == "auto":
+        base_quant = "nf4" if read_metadata(adapter).get("method") == "qlora" else None
+    if base_quant not in (None, "none", "nf4"):
+        raise ConfigError(f"base_quant must be nf4, none or auto, got {base_quant!r}")
+    net, tokenizer, _ = load_model(model, dtype=torch.float32)
+    if base_quant == "nf4":
+        from hayai.quant import quantize_model
+
+        quantize_model(net, "nf4", double_quant=True)
+    load_adapter(net, adapter)
+    merge_and_unload(net)
+    return save_model_directory(net, tokenizer, output, dtype=dtype)
