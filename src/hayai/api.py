@@ -85,13 +85,19 @@ class _Remembering(TextStream):
 
 
 def load(name_or_path: str | None = None, *, dtype: str | torch.dtype = "auto", device: str = "auto",
-         threads: int | None = None, verify: bool = True, progress: Progress | None = None) -> LLM:
+         threads: int | None = None, verify: bool = True, progress: Progress | None = None,
+         adapter: str | None = None) -> LLM:
     """Load a model: a store name, a known name (pulled on first use), an HF checkpoint dir or a .gguf file.
 
     dtype "auto" is bf16 on GPUs and on CPUs with native bf16 (AVX512-BF16/AMX), fp32 elsewhere.
+    `adapter` is a PEFT-format adapter directory (LoRA or (IA)³, e.g. from `hayai finetune`) applied on top.
     """
     configure_threads(threads)
     target = resolve_device(device)
     model, tokenizer, info = load_model(name_or_path, dtype=resolve_dtype(dtype, target), device=target,
                                         verify=verify, progress=progress)
+    if adapter is not None:
+        from hayai.peft import load_adapter
+
+        load_adapter(model, adapter)
     return LLM(model, tokenizer, info)
