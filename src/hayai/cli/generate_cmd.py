@@ -16,14 +16,15 @@ ModelOption = typer.Option(None, "--model", "-m", help="Store name, known name, 
 DtypeOption = typer.Option("auto", "--dtype", help="auto, fp32, bf16 or fp16 (auto: bf16 where the CPU has it).")
 DeviceOption = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
 ThreadsOption = typer.Option(None, "--threads", help="CPU threads (default: physical cores).")
+AdapterOption = typer.Option(None, "--adapter", help="A PEFT adapter directory (e.g. from hayai finetune) to apply.")
 
 
-def load_llm(model: str | None, dtype: str, device: str, threads: int | None) -> LLM:
+def load_llm(model: str | None, dtype: str, device: str, threads: int | None, adapter: str | None = None) -> LLM:
     from hayai.api import load
     from hayai.cli.progress import progress_bar
 
     with progress_bar() as progress:
-        return load(model, dtype=dtype, device=device, threads=threads, progress=progress)
+        return load(model, dtype=dtype, device=device, threads=threads, progress=progress, adapter=adapter)
 
 
 def _read_prompt(prompt: str | None) -> str:
@@ -51,10 +52,11 @@ def generate(
     dtype: str = DtypeOption,
     device: str = DeviceOption,
     threads: int = ThreadsOption,
+    adapter: str = AdapterOption,
 ) -> None:
     """Stream a completion to stdout (and only the completion, so it pipes); a speed report goes to stderr."""
     text = _read_prompt(prompt)
-    llm = load_llm(model, dtype, device, threads)
+    llm = load_llm(model, dtype, device, threads, adapter)
     stream = llm.stream(text, raw=raw, system=system, max_tokens=max_tokens, temperature=temperature,
                         top_k=top_k, top_p=top_p, seed=seed, stop=stop or (), truncate=truncate)
     for piece in stream:
@@ -78,11 +80,12 @@ def chat(
     dtype: str = DtypeOption,
     device: str = DeviceOption,
     threads: int = ThreadsOption,
+    adapter: str = AdapterOption,
 ) -> None:
     """A multi-turn chat in the terminal. /reset clears the conversation, /exit (or Ctrl-D) leaves."""
     from hayai.errors import ContextOverflowError
 
-    llm = load_llm(model, dtype, device, threads)
+    llm = load_llm(model, dtype, device, threads, adapter)
     interactive = sys.stdin.isatty()
     base = [{"role": "system", "content": system}] if system else []
     history: list[dict[str, str]] = []
