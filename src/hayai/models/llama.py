@@ -160,7 +160,7 @@ class CausalLM(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.model.embed_tokens.weight.device
+        return self.model.norm.weight.device  # the embedding may be quantized (no .weight)
 
     @property
     def dtype(self) -> torch.dtype:
