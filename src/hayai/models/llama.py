@@ -23,6 +23,7 @@ from hayai.attention.sdpa import SDPAttention
 from hayai.models.config import ModelConfig
 from hayai.models.kv_cache import KVCache, WritePlan
 from hayai.models.rope import RotaryEmbedding, apply_rotary
+from hayai.quant.embedding import QuantizedEmbedding
 
 
 class RMSNorm(nn.Module):
@@ -173,7 +174,7 @@ class CausalLM(nn.Module):
 def weight_bytes_read_per_token(model: nn.Module) -> int:
     """Bytes of weights one decode step reads: every parameter and buffer except the embedding table, of which a
     step reads a single row (unless the table doubles as the LM head)."""
-    embedding_modules = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+    embedding_modules = [m for m in model.modules() if isinstance(m, (nn.Embedding, QuantizedEmbedding))]
     head = getattr(model, "lm_head", None)
     head_tensors = {id(t) for t in head.parameters()} | {id(t) for t in head.buffers()} if head else set()
     skip = {id(t) for m in embedding_modules for t in (*m.parameters(), *m.buffers()) if id(t) not in head_tensors}
