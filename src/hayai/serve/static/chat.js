@@ -29,7 +29,7 @@ function save() {
 function saveSettings() {
   localStorage.setItem(STORE.settings, JSON.stringify({
     model: $("model").value, system: $("system").value,
-    temperature: $("temperature").value, maxTokens: $("max-tokens").value,
+    temperature: $("temperature").value, topP: $("top-p").value, maxTokens: $("max-tokens").value,
   }));
   localStorage.setItem(STORE.apiKey, JSON.stringify($("api-key").value));
 }
@@ -104,7 +104,7 @@ function renderList() {
 
 function messageElement(message) {
   const el = document.createElement("div");
-  el.className = `message ${message.role}`;
+  el.className = `message ${message.role}` + (message.state === "error" ? " error" : "");
   el.dataset.state = message.state || "done";
   const content = document.createElement("span");
   content.className = "content";
@@ -197,25 +197,36 @@ async function send(text) {
   const system = $("system").value.trim();
   const history = conversation.messages.filter((m) => m.role === "user" || (m.role === "assistant" && !m.failed))
     .map((m) => ({ role: m.role, content: m.content }));
-  const body = {
-    model: $("model").value || undefined,
-    messages: (system ? [{ role: "system", content: system }] : []).concat(history),
-    stream: true,
-    stream_options: { include_usage: true },
-    temperature: Number($("temperature").value),
-    max_tokens: Number($("max-tokens").value) || undefined,
-  };
+  const request = (messages) => fetch("/v1/chat/completions", {
+    method: "POST", headers: headers(), signal: state.controller.signal, body: JSON.stringify({
+      model: $("model").value || undefined,
+      messages: (system ? [{ role: "system", content: system }] : []).concat(messages),
+      stream: true,
+      stream_options: { include_usage: true },
+      temperature: Number($("temperature").value),
+      top_p: Number($("top-p").value),
+      max_tokens: Number($("max-tokens").value) || undefined,
+    }),
+  });
 
   state.controller = new AbortController();
   $("send").disabled = true;
   $("stop").disabled = false;
   const start = performance.now();
-  let firstAt = 0, lastAt = 0, chunks = 0, usage = null, finish = null;
+  let firstAt = 0, lastAt = 0, chunks = 0, usage = null, finish = null, dropped = 0;
   try {
-    const response = await fetch("/v1/chat/completions", {
-      method: "POST", headers: headers(), body: JSON.stringify(body), signal: state.controller.signal,
-    });
-    if (!response.ok) throw new Error(await errorMessage(response));
+    let response;
+    for (;;) {
+      response = await request(history.slice(dropped));
+      if (response.ok) break;
+      const error = await response.json().catch(() => ({}));
+      const code = error.error && error.error.code;
+      // The conversation outgrew the context window: forget the oldest exchange and try again.
+      if (code === "context_length_exceeded" && history.length - dropped > 2) { dropped += 2; continue; }
+      throw new Error(error.error ? `${response.status}: ${error.error.message}` : `${response.status}`);
+    }
+    if (dropped) setStatus(`The conversation outgrew the context window: the oldest ${dropped / 2} ` +
+                           `exchange${dropped === 2 ? " was" : "s were"} left out.`);
     for await (const event of serverSentEvents(response)) {
       if (event.error) throw new Error(event.error.message);
       if (event.usage) usage = event.usage;
@@ -236,7 +247,7 @@ async function send(text) {
     const tokens = usage ? usage.completion_tokens : chunks;
     answer.meta = describeSpeed(tokens, start, firstAt, lastAt) + (finish === "length" ? " · hit max tokens" : "");
     answer.state = "done";
-    setStatus("");
+    if (!dropped) setStatus("");
   } catch (e) {
     if (e.name === "AbortError") {
       answer.meta = describeSpeed(chunks, start, firstAt, lastAt) + " · stopped";
@@ -264,9 +275,10 @@ function init() {
   const settings = load(STORE.settings, {});
   if (settings.system) $("system").value = settings.system;
   if (settings.temperature) $("temperature").value = settings.temperature;
+  if (settings.topP) $("top-p").value = settings.topP;
   if (settings.maxTokens) $("max-tokens").value = settings.maxTokens;
   $("api-key").value = load(STORE.apiKey, "");
-  for (const id of ["model", "system", "temperature", "max-tokens"]) $(id).addEventListener("change", saveSettings);
+  for (const id of ["model", "system", "temperature", "top-p", "max-tokens"]) $(id).addEventListener("change", saveSettings);
   $("api-key").addEventListener("change", () => { saveSettings(); loadModels(); });
 
   $("new-chat").addEventListener("click", () => { if (!state.controller) newConversation(); });
