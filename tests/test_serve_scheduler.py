@@ -13,8 +13,8 @@ from hayai.errors import ContextOverflowError
 from hayai.serve.scheduler import (
     ErrorEvent,
     FinishEvent,
+    GenerationRequest,
     QueueFullError,
-    Request,
     Scheduler,
     TextEvent,
 )
@@ -45,7 +45,7 @@ def alone(llm, prompt_ids, max_tokens, **kwargs):
     return llm.engine.generate(prompt_ids, max_new_tokens=max_tokens, **kwargs)
 
 
-def run_all(scheduler: Scheduler, requests: list[Request]):
+def run_all(scheduler: Scheduler, requests: list[GenerationRequest]):
     """Submit every request at once; return (completions, streamed text per request)."""
     done = [threading.Event() for _ in requests]
     results: list = [None] * len(requests)
@@ -72,7 +72,7 @@ def run_all(scheduler: Scheduler, requests: list[Request]):
 def test_concurrent_greedy_requests_equal_decoding_each_alone(llm):
     ids = [llm.prompt_ids(p, raw=True) for p in PROMPTS]
     # Different lengths and budgets: rows finish at different steps and queued requests join mid-flight.
-    requests = [Request(p, max_tokens=8 + 7 * i, stop_token_ids=frozenset() if i % 2 else None)
+    requests = [GenerationRequest(p, max_tokens=8 + 7 * i, stop_token_ids=frozenset() if i % 2 else None)
                 for i, p in enumerate(ids)]
     with Scheduler(llm.model, llm.tokenizer, max_batch=3, max_queue=16) as scheduler:
         completions, streamed = run_all(scheduler, requests)
@@ -92,7 +92,7 @@ def test_chat_prompts_stop_strings_and_eos_match_the_engine(llm):
     prompts = [llm.prompt_ids(p) for p in PROMPTS[:4]]  # chat-formatted: the model may end its turn
     full = [alone(llm, p, 40).text for p in prompts]
     stops = [[t[len(t) // 2: len(t) // 2 + 2]] if len(t) > 4 else [] for t in full]
-    requests = [Request(p, max_tokens=40, stop=s) for p, s in zip(prompts, stops, strict=True)]
+    requests = [GenerationRequest(p, max_tokens=40, stop=s) for p, s in zip(prompts, stops, strict=True)]
     with Scheduler(llm.model, llm.tokenizer, max_batch=4) as scheduler:
         completions, streamed = run_all(scheduler, requests)
     for r, c, s in zip(requests, completions, streamed, strict=True):
@@ -106,7 +106,7 @@ def test_chat_prompts_stop_strings_and_eos_match_the_engine(llm):
 def test_seeded_sampling_is_reproducible_inside_a_batch(llm):
     ids = [llm.prompt_ids(p, raw=True) for p in PROMPTS[:5]]
     params = [SamplingParams(temperature=0.9, top_p=0.95, top_k=40, seed=100 + i) for i in range(5)]
-    requests = [Request(p, max_tokens=20, sampling=s, stop_token_ids=frozenset())
+    requests = [GenerationRequest(p, max_tokens=20, sampling=s, stop_token_ids=frozenset())
                 for p, s in zip(ids, params, strict=True)]
     with Scheduler(llm.model, llm.tokenizer, max_batch=5) as scheduler:
         completions, _ = run_all(scheduler, requests)
@@ -119,9 +119,9 @@ def test_seeded_sampling_is_reproducible_inside_a_batch(llm):
 def test_chunked_prefill_and_cache_growth_keep_answers_equal(llm):
     long_prompt = llm.prompt_ids(" ".join(PROMPTS), raw=True)
     assert len(long_prompt) > 40
-    requests = [Request(llm.prompt_ids(PROMPTS[0], raw=True), max_tokens=30, stop_token_ids=frozenset()),
-                Request(long_prompt, max_tokens=40, stop_token_ids=frozenset()),
-                Request(llm.prompt_ids(PROMPTS[1], raw=True), max_tokens=12, stop_token_ids=frozenset())]
+    requests = [GenerationRequest(llm.prompt_ids(PROMPTS[0], raw=True), max_tokens=30, stop_token_ids=frozenset()),
+                GenerationRequest(long_prompt, max_tokens=40, stop_token_ids=frozenset()),
+                GenerationRequest(llm.prompt_ids(PROMPTS[1], raw=True), max_tokens=12, stop_token_ids=frozenset())]
     # A 16-position cache must grow while rows hold data; the long prompt is prefilled 7 tokens at a time.
     with Scheduler(llm.model, llm.tokenizer, max_batch=3, prefill_chunk=7, initial_length=16) as scheduler:
         completions, _ = run_all(scheduler, requests)
@@ -143,10 +143,10 @@ def test_cancelling_frees_the_row_for_the_next_request(llm):
                 submitted.wait(10)
                 tickets[0].cancel()  # from the engine thread, like a disconnect noticed mid-stream
 
-        tickets.append(scheduler.submit(Request(ids, max_tokens=200, stop_token_ids=frozenset()),
+        tickets.append(scheduler.submit(GenerationRequest(ids, max_tokens=200, stop_token_ids=frozenset()),
                                         cancel_on_first_text))
         submitted.set()
-        completion = scheduler.generate(Request(ids, max_tokens=5, stop_token_ids=frozenset()), timeout=60)
+        completion = scheduler.generate(GenerationRequest(ids, max_tokens=5, stop_token_ids=frozenset()), timeout=60)
         stats = scheduler.stats()
     assert len(completion.token_ids) == 5
     assert not any(isinstance(e, FinishEvent) for e in events)
@@ -157,13 +157,13 @@ def test_cancelling_frees_the_row_for_the_next_request(llm):
 def test_full_queue_refuses_with_a_retry_delay(llm):
     scheduler = Scheduler(llm.model, llm.tokenizer, max_batch=1, max_queue=2)  # not started: nothing drains
     ids = llm.prompt_ids(PROMPTS[0], raw=True)
-    first = scheduler.submit(Request(ids, max_tokens=4), lambda e: None)
-    scheduler.submit(Request(ids, max_tokens=4), lambda e: None)
+    first = scheduler.submit(GenerationRequest(ids, max_tokens=4), lambda e: None)
+    scheduler.submit(GenerationRequest(ids, max_tokens=4), lambda e: None)
     with pytest.raises(QueueFullError) as info:
-        scheduler.submit(Request(ids, max_tokens=4), lambda e: None)
+        scheduler.submit(GenerationRequest(ids, max_tokens=4), lambda e: None)
     assert info.value.retry_after >= 1 and "busy" in str(info.value)
     first.cancel()  # a queued request that is cancelled leaves the queue at once
-    scheduler.submit(Request(ids, max_tokens=4), lambda e: None)
+    scheduler.submit(GenerationRequest(ids, max_tokens=4), lambda e: None)
     assert scheduler.stats().waiting == 2 and scheduler.stats().cancelled == 1
     scheduler.close()
     assert scheduler.stats().failed == 2
@@ -174,7 +174,7 @@ def test_close_fails_requests_in_flight_and_queued(llm):
     ids = llm.prompt_ids(PROMPTS[0], raw=True)
     events: list = []
     for _ in range(2):
-        scheduler.submit(Request(ids, max_tokens=4), events.append)
+        scheduler.submit(GenerationRequest(ids, max_tokens=4), events.append)
     scheduler.close()
     assert [type(e) for e in events] == [ErrorEvent, ErrorEvent]
     assert "shutting down" in events[0].message
@@ -183,8 +183,8 @@ def test_close_fails_requests_in_flight_and_queued(llm):
 def test_requests_that_cannot_fit_are_refused_up_front(llm):
     scheduler = Scheduler(llm.model, llm.tokenizer, max_length=64)
     with pytest.raises(ContextOverflowError, match="at most 64"):
-        scheduler.submit(Request(list(range(1, 40)), max_tokens=30), lambda e: None)
+        scheduler.submit(GenerationRequest(list(range(1, 40)), max_tokens=30), lambda e: None)
     with pytest.raises(Exception, match="empty"):
-        scheduler.submit(Request([], max_tokens=3), lambda e: None)
+        scheduler.submit(GenerationRequest([], max_tokens=3), lambda e: None)
     with pytest.raises(Exception, match="token ids"):
-        scheduler.submit(Request([10**6], max_tokens=3), lambda e: None)
+        scheduler.submit(GenerationRequest([10**6], max_tokens=3), lambda e: None)
