@@ -81,11 +81,19 @@ def chat(
     device: str = DeviceOption,
     threads: int = ThreadsOption,
     adapter: str = AdapterOption,
+    url: str = typer.Option(None, "--url", help="Chat with a running server (hayai serve or any OpenAI-compatible "
+                                                "one) instead of loading a model, e.g. http://127.0.0.1:8000."),
+    api_key: str = typer.Option(None, "--api-key", envvar="HAYAI_API_KEY", help="The server's API key (--url)."),
 ) -> None:
     """A multi-turn chat in the terminal. /reset clears the conversation, /exit (or Ctrl-D) leaves."""
     from hayai.errors import ContextOverflowError
 
-    llm = load_llm(model, dtype, device, threads, adapter)
+    if url:
+        from hayai.serve.client import RemoteLLM
+
+        llm = RemoteLLM(url, api_key=api_key, model=model)
+    else:
+        llm = load_llm(model, dtype, device, threads, adapter)
     interactive = sys.stdin.isatty()
     base = [{"role": "system", "content": system}] if system else []
     history: list[dict[str, str]] = []
