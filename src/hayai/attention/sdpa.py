@@ -9,7 +9,9 @@ Masking semantics shared by every kernel:
 - `causal=True`: query i (of T) may see key j (of S) iff j <= i + (S - T), i.e. the causal mask is aligned to
   the bottom-right corner, so a query block that continues a cached prefix sees the whole prefix.
 - `mask` (bool, broadcastable to [B, 1 or H, T, S]): True where attention is allowed. Used for ragged batches,
-  speculative verification and packed sequences; `causal` must then be False (the mask says everything).
+  speculative verification and packed sequences. Usually `causal` is then False (the mask says everything);
+  if both are given, a key must be allowed by both (every hayai kernel intersects them).
+- A query row that may see no key at all outputs zeros.
 """
 
 from __future__ import annotations
@@ -56,9 +58,10 @@ class SDPAttention(AttentionKernel):
     def forward(self, q, k, v, *, causal, mask=None, scale=None):
         t, s = q.shape[-2], k.shape[-2]
         groups = q.shape[1] // k.shape[1]
-        if causal and t != s:
-            # SDPA's is_causal is top-left aligned; build the bottom-right mask explicitly.
-            mask = causal_mask(t, s, q.device)
+        if causal and (t != s or mask is not None):
+            # SDPA's is_causal is top-left aligned and excludes attn_mask: build the bottom-right mask explicitly.
+            bottom_right = causal_mask(t, s, q.device)
+            mask = bottom_right if mask is None else mask & bottom_right
             causal = False
         if _SDPA_HAS_GQA and groups > 1:
             return F.scaled_dot_product_attention(
