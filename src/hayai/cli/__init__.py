@@ -15,6 +15,7 @@ _COMMAND_MODULES = [
     "hayai.cli.store_cmd",
     "hayai.cli.generate_cmd",
     "hayai.cli.finetune_cmd",
+    "hayai.cli.compress_cmd",
     "hayai.cli.serve_cmd",
     "hayai.cli.doctor_cmd",
 ]

@@ -147,14 +147,9 @@ def deep_compress(model: nn.Module, *, sparsity: Sparsity = 0.5, bits: Bits = 4,
     started = time.perf_counter()
     total_before = parameter_bytes(model)
 
-    def note(stage: str) -> None:
-        if progress is not None:
-            progress(stage, 0, 1)
-
     def finish(name: str, size: int, q: float | None) -> None:
         report.stages.append(Stage(name, size, total_before / max(size, 1), q, time.perf_counter() - started))
 
-    note("original")
     finish("original", total_before, quality(model) if quality is not None else None)
 
     # 1. pruning (+ retraining)
