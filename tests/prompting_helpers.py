@@ -24,6 +24,7 @@ class CountingBackend:
         self.inner = inner
         self.id = inner.id
         self.calls: list[list[Prompt]] = []
+        self.results: list[Result] = []
 
     @property
     def prompts_sent(self) -> int:
@@ -31,7 +32,9 @@ class CountingBackend:
 
     def complete(self, prompts: Sequence[Prompt], params: GenParams) -> list[Result]:
         self.calls.append(list(prompts))
-        return self.inner.complete(prompts, params)
+        results = self.inner.complete(prompts, params)
+        self.results += results
+        return results
 
 
 def prompt_text(prompt: Prompt) -> str:

@@ -162,17 +162,19 @@ class MiniLMEmbedder:
     @torch.inference_mode()
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
         """texts -> [N, dim] float32 unit vectors."""
-        out = []
-        for start in range(0, len(texts), self.batch_size):
-            encodings = self.tokenizer.encode_batch(list(texts[start:start + self.batch_size]))
-            width = max(len(e.ids) for e in encodings)
-            ids = torch.tensor([e.ids + [0] * (width - len(e.ids)) for e in encodings])  # [B, T]
-            keep = torch.tensor([[1] * len(e.ids) + [0] * (width - len(e.ids)) for e in encodings]).bool()
+        encodings = self.tokenizer.encode_batch(list(texts))
+        order = sorted(range(len(texts)), key=lambda i: len(encodings[i].ids))  # similar lengths share a batch
+        out = torch.zeros(len(texts), self.dim)
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start:start + self.batch_size]
+            width = max(len(encodings[i].ids) for i in rows)
+            ids = torch.tensor([encodings[i].ids + [0] * (width - len(encodings[i].ids)) for i in rows])  # [B, T]
+            keep = ids.new_tensor([[1] * len(encodings[i].ids) + [0] * (width - len(encodings[i].ids))
+                                   for i in rows]).bool()
             hidden = self.encoder(ids, keep)  # [B, T, hidden]
-            summed = (hidden * keep[..., None]).sum(1)  # [B, hidden]
-            mean = summed / keep.sum(1, keepdim=True).clamp(min=1)
-            out.append(F.normalize(mean, dim=-1))
-        return torch.cat(out) if out else torch.zeros(0, self.dim)
+            mean = (hidden * keep[..., None]).sum(1) / keep.sum(1, keepdim=True).clamp(min=1)  # [B, hidden]
+            out[rows] = F.normalize(mean, dim=-1)
+        return out
 
 
 @lru_cache(maxsize=1)

@@ -64,7 +64,7 @@ class Stage:
 
     backend: Backend
     exemplars: Sequence[tuple[str, str]] = ()
-    params: GenParams = GenParams(max_tokens=16, stop=("\n",))
+    params: GenParams = field(default_factory=lambda: GenParams(max_tokens=16, stop=("\n",)))
     chat: bool = False
     name: str = ""
 
