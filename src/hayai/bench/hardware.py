@@ -51,6 +51,41 @@ def cpu_isa() -> dict[str, bool]:
     return {name: flag in flags for name, flag in _ISA_FLAGS.items()}
 
 
+def _parse_size(text: str) -> int:
+    """'48K', '2048K', '260M' -> bytes."""
+    text = text.strip().upper()
+    scale = {"K": 1024, "M": 1024**2, "G": 1024**3}.get(text[-1:], 1)
+    return int(text.rstrip("KMGB") or 0) * scale
+
+
+def cache_bytes(root: str = "/sys/devices/system/cpu/cpu0/cache") -> dict[str, int]:
+    """CPU cache sizes seen by core 0, e.g. {"L1d": 49152, "L1i": 32768, "L2": 2097152, "L3": 272629760}."""
+    found: dict[str, int] = {}
+    try:
+        entries = sorted(e for e in os.listdir(root) if e.startswith("index"))
+    except OSError:
+        return found
+    for entry in entries:
+        try:
+            with open(f"{root}/{entry}/level") as f:
+                level = f.read().strip()
+            with open(f"{root}/{entry}/type") as f:
+                kind = f.read().strip()
+            with open(f"{root}/{entry}/size") as f:
+                size = _parse_size(f.read())
+        except (OSError, ValueError):
+            continue
+        suffix = {"Data": "d", "Instruction": "i"}.get(kind, "")
+        found[f"L{level}{suffix}"] = size
+    return found
+
+
+def last_level_cache_bytes() -> int | None:
+    """The largest CPU cache (what a buffer must exceed for a read to come from memory), or None if unknown."""
+    sizes = cache_bytes()
+    return max(sizes.values()) if sizes else None
+
+
 def blas_summary() -> str:
     config = torch.__config__.show()
     for item in config.replace("\n", ",").split(","):
@@ -81,6 +116,7 @@ def describe() -> dict[str, Any]:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "isa": [name for name, present in isa.items() if present],
         "memory_bytes": total_memory_bytes(),
+        "caches": cache_bytes(),
         "os": f"{platform.system()} {platform.release()}",
         "python": platform.python_version(),
         "torch": torch.__version__,
