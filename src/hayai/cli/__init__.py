@@ -18,6 +18,7 @@ _COMMAND_MODULES = [
     "hayai.cli.compress_cmd",
     "hayai.cli.serve_cmd",
     "hayai.cli.doctor_cmd",
+    "hayai.cli.prompting_cmd",
 ]
 
 for _name in _COMMAND_MODULES:
