@@ -106,3 +106,22 @@ def test_openai_backend_unknown_model_is_a_clear_error(local):
         backend = OpenAIBackend("nope", base_url=url, max_retries=0)
         with pytest.raises(BackendError, match="nope"):
             backend.complete(["hi"], GenParams(max_tokens=2))
+
+
+def test_openai_backend_against_hayai_serve(llm, local):
+    """hayai's own OpenAI-compatible server on loopback: greedy answers equal the local batched backend's."""
+    from hayai.serve.app import ServeSettings, create_app
+    from hayai.serve.background import BackgroundServer
+    from hayai.serve.scheduler import Scheduler
+
+    params = GenParams(max_tokens=8)
+    prompts = RAW[:2] + CHATS[:2]
+    expected = local.complete(prompts, params)
+    scheduler = Scheduler(llm.model, llm.tokenizer, max_batch=4)
+    with BackgroundServer(create_app(scheduler, llm.tokenizer, ServeSettings(model_name="tiny"))) as server:
+        remote = OpenAIBackend("tiny", base_url=server.url + "/v1", price=PRICE, max_retries=0)
+        got = remote.complete(prompts, params)
+    for g, e in zip(got, expected, strict=True):
+        assert g.text == e.text
+        assert (g.prompt_tokens, g.completion_tokens) == (e.prompt_tokens, e.completion_tokens)
+        assert g.cost == pytest.approx(e.cost)
