@@ -127,3 +127,13 @@ def test_empty_inputs_are_rejected(llama, t5):
         FiDICL(t5).encode_demonstrations([])
     with pytest.raises(ConfigError, match="query"):
         CachedDemonstrations(llama[1], [[1, 2]]).score([], [[3]])
+
+
+def test_one_cached_concatenated_prefix_equals_concatenation_icl(llama):
+    """Prefix caching (all demonstrations as one cached segment) is exact concatenation ICL."""
+    _, model = llama
+    g = torch.Generator().manual_seed(3)
+    demos = [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (5, 9, 4)]
+    query, options = [1, 2, 3], [[4], [5, 6]]
+    prefix = CachedDemonstrations(model, [[t for d in demos for t in d]])
+    assert torch.allclose(prefix.score(query, options), concatenated_scores(model, demos, query, options), atol=1e-5)
