@@ -125,7 +125,7 @@ def test_chunked_prefill_and_cache_growth_keep_answers_equal(llm):
     # A 16-position cache must grow while rows hold data; the long prompt is prefilled 7 tokens at a time.
     with Scheduler(llm.model, llm.tokenizer, max_batch=3, prefill_chunk=7, initial_length=16) as scheduler:
         completions, _ = run_all(scheduler, requests)
-        assert wait_until(lambda: scheduler.stats().cache_length == 0)  # idle: the grown cache was released
+        assert wait_until(lambda: scheduler.stats().cache_rows == 0)  # idle: the grown cache was released
     for r, c in zip(requests, completions, strict=True):
         assert c.token_ids == alone(llm, r.prompt_ids, r.max_tokens, stop_token_ids=frozenset()).token_ids
 

@@ -64,6 +64,9 @@ def serve(
     shown = f"[{host}]" if ":" in host else host
     err.print(f"[bold]{name}[/] on http://{shown}:{port} — chat page at /, OpenAI API at /v1 "
               f"(batch {max_batch}, queue {max_queue}{', API key required' if api_key else ''})")
+    err.print(f"KV cache grows with the load, up to {scheduler.cache_bytes_at_full_load() / 2**30:.2f} GiB with "
+              f"{max_batch} requests of {scheduler.max_length} tokens (lower --max-batch or --max-context to cap it)",
+              style="dim")
     if not loopback and not api_key:
         err.print(f"[yellow]warning:[/] listening on {host} without --api-key: anyone who can reach this machine "
                   "can use the server")

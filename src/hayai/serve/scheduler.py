@@ -100,6 +100,7 @@ class SchedulerStats:
     waiting: int  # requests in the queue
     max_batch: int
     max_queue: int
+    cache_rows: int  # rows the shared KV cache holds now (0 when released)
     cache_length: int  # positions per row the shared KV cache holds now
     completed: int
     cancelled: int
@@ -184,8 +185,9 @@ class Scheduler:
 
     max_batch: rows decoded together. max_queue: requests that may wait for a row. max_length: positions a request
     may use (prompt + new tokens; default the model's context window). prefill_chunk: prompt tokens prefilled per
-    iteration. The shared KV cache starts at `initial_length` positions per row and grows (doubling) when a
-    longer request joins; it shrinks back when the server is idle.
+    iteration. The shared KV cache is allocated as requests need it (rows and positions each doubling, from one row
+    of `initial_length` positions) and released when the server is idle, so memory follows the load;
+    `cache_bytes_at_full_load()` is the most it can reach.
     """
 
     def __init__(self, model: CausalLM, tokenizer: Tokenizer, *, max_batch: int = 16, max_queue: int = 64,
@@ -302,6 +304,7 @@ class Scheduler:
         return SchedulerStats(
             running=len(self._running), prefilling=len(self._prefilling), waiting=waiting,
             max_batch=self.max_batch, max_queue=self.max_queue,
+            cache_rows=cache.batch_size if cache is not None else 0,
             cache_length=cache.max_length if cache is not None else 0,
             completed=self._counts["completed"], cancelled=self._counts["cancelled"], failed=self._counts["failed"],
             decode_steps=self._counts["decode_steps"], generated_tokens=self._counts["generated_tokens"])
@@ -393,8 +396,8 @@ class Scheduler:
 
     def _join(self, seq: _Sequence) -> None:
         """Copy a prefilled sequence's KV into the next free row of the shared cache."""
-        self._ensure_capacity(seq.needed_length)
         row = len(self._running)
+        self._ensure_capacity(row + 1, seq.needed_length)
         self._cache.copy_prefix_from(seq.staging, len(seq.prompt), src_row=0, dst_row=row)
         seq.staging = None
         self._running.append(seq)
@@ -468,14 +471,18 @@ class Scheduler:
         lengths[last] = 0
         cache.truncate(lengths)
 
-    def _ensure_capacity(self, needed: int) -> None:
+    def _ensure_capacity(self, rows: int, length: int) -> None:
+        """Grow the shared cache (doubling rows and positions, up to the limits) so it holds `rows` x `length`."""
         cache = self._cache
-        if cache is not None and cache.max_length >= needed:
+        if cache is not None and cache.batch_size >= rows and cache.max_length >= length:
             return
-        length = max(needed, self.initial_length)
+        new_rows, new_length = rows, max(length, self.initial_length)
         if cache is not None:
-            length = max(length, min(2 * cache.max_length, self.max_length))
-        grown = self.model.new_cache(self.max_batch, min(length, self.max_length))
+            new_rows = max(rows, min(2 * cache.batch_size, self.max_batch)) if rows > cache.batch_size \
+                else cache.batch_size
+            new_length = max(length, min(2 * cache.max_length, self.max_length)) if length > cache.max_length \
+                else cache.max_length
+        grown = self.model.new_cache(min(new_rows, self.max_batch), min(new_length, self.max_length))
         if cache is not None:
             for row in range(len(self._running)):
                 grown.copy_prefix_from(cache, cache.lengths[row], src_row=row, dst_row=row)
@@ -483,8 +490,15 @@ class Scheduler:
 
     def _shrink_when_idle(self) -> None:
         """With nothing running, drop a cache that grew past its initial size (called holding the lock)."""
-        if self._cache is not None and self._cache.max_length > self.initial_length:
+        cache = self._cache
+        if cache is not None and (cache.max_length > self.initial_length or cache.batch_size > 1):
             self._cache = None
+
+    def cache_bytes_at_full_load(self) -> int:
+        """KV-cache memory with every row holding a request of the longest allowed length."""
+        config = self.model.config
+        per_position = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
+        return per_position * self.max_batch * self.max_length * self.model.dtype.itemsize
 
     # ---- failures -----------------------------------------------------------------------------------------------
     def _fail_running(self, message: str) -> None:
