@@ -34,6 +34,9 @@ def serve(
                                                                    "(long prompts do not stall running answers)."),
     served_name: str = typer.Option(None, "--served-model-name", help="The model id clients use "
                                                                       "(default: the model's store name)."),
+    allowed_host: list[str] = typer.Option(None, "--allowed-host", help="Also answer requests whose Host header "
+                                           "names this host (e.g. behind a reverse proxy); repeatable. On loopback "
+                                           "only loopback names are answered otherwise (DNS-rebinding guard)."),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level (warning hides access logs)."),
     dtype: str = DtypeOption,
     device: str = DeviceOption,
@@ -59,7 +62,7 @@ def serve(
     loopback = host in LOOPBACK
     settings = ServeSettings(model_name=name, aliases=(llm.info.name,) if served_name else (), api_key=api_key or None,
                              max_tokens_cap=max_tokens_cap, max_body_bytes=max_body,
-                             allowed_hosts=LOOPBACK_HOSTS if loopback else frozenset())
+                             allowed_hosts=_allowed_hosts(loopback, allowed_host or [], LOOPBACK_HOSTS))
     application = create_app(scheduler, llm.tokenizer, settings)
     shown = f"[{host}]" if ":" in host else host
     err.print(f"[bold]{name}[/] on http://{shown}:{port} — chat page at /, OpenAI API at /v1 "
@@ -71,6 +74,14 @@ def serve(
         err.print(f"[yellow]warning:[/] listening on {host} without --api-key: anyone who can reach this machine "
                   "can use the server")
     uvicorn.run(application, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+
+
+def _allowed_hosts(loopback: bool, extra: list[str], loopback_names: frozenset[str]) -> frozenset[str]:
+    """Host names to answer for: loopback names on a loopback bind (plus extras); extras only elsewhere; empty = any."""
+    extra_names = frozenset(h.lower() for h in extra)
+    if loopback:
+        return loopback_names | extra_names
+    return loopback_names | extra_names if extra_names else frozenset()
 
 
 def _load_options(**options: str | None) -> dict[str, str]:

@@ -152,11 +152,6 @@ class _Sequence:
         self.started_at = 0.0
         self.first_token_at = 0.0
 
-    @property
-    def needed_length(self) -> int:
-        """Cache positions this sequence may occupy: the prompt plus every token but the last."""
-        return len(self.prompt) + self.ticket.request.max_tokens
-
     def accept(self, token: int) -> str:
         """Record a sampled token; return the text it makes safe to emit. Sets `done` when the request ends."""
         if token in self.eos:
@@ -185,9 +180,9 @@ class Scheduler:
 
     max_batch: rows decoded together. max_queue: requests that may wait for a row. max_length: positions a request
     may use (prompt + new tokens; default the model's context window). prefill_chunk: prompt tokens prefilled per
-    iteration. The shared KV cache is allocated as requests need it (rows and positions each doubling, from one row
-    of `initial_length` positions) and released when the server is idle, so memory follows the load;
-    `cache_bytes_at_full_load()` is the most it can reach.
+    iteration. The shared KV cache is allocated as sequences actually grow (rows and positions each doubling, from
+    one row of `initial_length` positions; a max_tokens that is never reached costs nothing) and released when the
+    server is idle, so memory follows the load; `cache_bytes_at_full_load()` is the most it can reach.
     """
 
     def __init__(self, model: CausalLM, tokenizer: Tokenizer, *, max_batch: int = 16, max_queue: int = 64,
@@ -397,7 +392,7 @@ class Scheduler:
     def _join(self, seq: _Sequence) -> None:
         """Copy a prefilled sequence's KV into the next free row of the shared cache."""
         row = len(self._running)
-        self._ensure_capacity(row + 1, seq.needed_length)
+        self._ensure_capacity(row + 1, len(seq.prompt) + 1)  # the next decode step writes position len(prompt)
         self._cache.copy_prefix_from(seq.staging, len(seq.prompt), src_row=0, dst_row=row)
         seq.staging = None
         self._running.append(seq)
@@ -408,6 +403,7 @@ class Scheduler:
             return
         device = self.model.device
         tokens = torch.tensor([[s.pending] for s in self._running], device=device)  # [n, 1]
+        self._ensure_capacity(n, max(self._cache.lengths[:n]) + 1)
         view = self._leading_rows(n)
         logits = self.model(tokens, cache=view)[:, -1]  # [n, V]
         self._cache.lengths[:n] = view.lengths
