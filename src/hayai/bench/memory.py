@@ -98,6 +98,17 @@ class PeakRSS:
         return max(0, self.peak() - self.baseline)
 
 
+def release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc keeps them otherwise), so the RSS after a
+    setup phase reflects what is still in use."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def cuda_peak_memory(fn: Callable[[], Any], device: Any = None) -> tuple[Any, int, int]:
     """Run `fn()` and return (its value, peak CUDA bytes allocated during it, peak minus the bytes held before)."""
     import torch

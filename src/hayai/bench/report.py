@@ -261,6 +261,8 @@ def quality_text(suite: SuiteResult, r: TechniqueResult) -> str:
 
 def lossless_text(r: TechniqueResult) -> str:
     agreement = r.metrics.get("greedy_agreement")
+    if r.kind == "baseline" and r.ok and r.lossless is not None:
+        return "reference"
     if r.lossless is None:
         return "—"
     if r.lossless:
