@@ -16,6 +16,7 @@ _COMMAND_MODULES = [
     "hayai.cli.generate_cmd",
     "hayai.cli.finetune_cmd",
     "hayai.cli.compress_cmd",
+    "hayai.cli.bench_cmd",
     "hayai.cli.serve_cmd",
     "hayai.cli.doctor_cmd",
     "hayai.cli.prompting_cmd",
