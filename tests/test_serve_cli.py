@@ -122,3 +122,20 @@ def test_remote_llm_errors_name_the_server_and_the_fix(server):
         remote.stream("hi " * 200, max_tokens=16)
     stream = remote.stream("Hello", max_tokens=4, temperature=0)
     assert "".join(stream) == stream.completion.text and stream.completion.stats.generated_tokens <= 4
+
+
+def test_speculate_option_builds_lossless_per_request_strategies(local):
+    from hayai.cli.serve_cmd import _strategy_factory
+    from hayai.errors import ConfigError
+    from hayai.serve.scheduler import GenerationRequest, Scheduler
+
+    prompt = local.prompt_ids("Hello world Hello world Hello", raw=True)
+    expected = local.engine.generate(prompt, max_new_tokens=20, stop_token_ids=frozenset())
+    for spec in ("lookup", "self:1"):
+        with Scheduler(local.model, local.tokenizer, strategy=_strategy_factory(spec, local, "fp32", "cpu")) as s:
+            completion = s.generate(GenerationRequest(prompt, max_tokens=20, stop_token_ids=frozenset()), timeout=60)
+        assert completion.token_ids == expected.token_ids
+        assert completion.stats.strategy == {"lookup": "lookup", "self:1": "self"}[spec]
+    for bad in ("bogus", "self:9", "draft:"):
+        with pytest.raises(ConfigError, match="--speculate"):
+            _strategy_factory(bad, local, "fp32", "cpu")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import pytest
@@ -76,10 +76,8 @@ def screenshot_on_failure(driver, path: Path):
     except BaseException as exc:
         driver.save_screenshot(str(path))
         logs = ""
-        try:
+        with suppress(Exception):  # not every driver exposes logs
             logs = "\n".join(str(e) for e in driver.get_log("browser"))
-        except Exception:  # not every driver exposes logs
-            pass
         raise AssertionError(f"{exc}\nscreenshot: {path}\nbrowser log:\n{logs}") from exc
 
 

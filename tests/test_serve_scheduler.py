@@ -188,3 +188,19 @@ def test_requests_that_cannot_fit_are_refused_up_front(llm):
         scheduler.submit(GenerationRequest([], max_tokens=3), lambda e: None)
     with pytest.raises(Exception, match="token ids"):
         scheduler.submit(GenerationRequest([10**6], max_tokens=3), lambda e: None)
+
+
+def test_per_request_speculative_strategy_keeps_greedy_answers(llm):
+    from hayai.decode.prompt_lookup import PromptLookup
+    from hayai.decode.speculative import SpeculativeDecoding
+
+    ids = [llm.prompt_ids(p * 3, raw=True) for p in PROMPTS[:4]]  # repetitive prompts: lookup finds drafts
+    requests = [GenerationRequest(p, max_tokens=30, stop_token_ids=frozenset()) for p in ids]
+    with Scheduler(llm.model, llm.tokenizer, max_batch=2,
+                   strategy=lambda: SpeculativeDecoding(PromptLookup())) as scheduler:
+        completions, streamed = run_all(scheduler, requests)
+    for r, c, s in zip(requests, completions, streamed, strict=True):
+        expected = alone(llm, r.prompt_ids, 30, stop_token_ids=frozenset())
+        assert c.token_ids == expected.token_ids and c.text == s == expected.text
+        assert c.stats.strategy == "lookup" and c.stats.generated_tokens == 30
+    assert sum(c.stats.drafted_tokens for c in completions) > 0

@@ -18,6 +18,9 @@ def serve(
                                            "(default: smollm2-135m-instruct)."),
     adapter: str = typer.Option(None, "--adapter", help="A PEFT-format adapter directory to apply."),
     quant: str = typer.Option(None, "--quant", help="Quantize the weights on load (e.g. int8, int4, nf4)."),
+    speculate: str = typer.Option(None, "--speculate", help="Speculative decoding per request: 'lookup' (prompt "
+                                  "lookup), 'draft:MODEL' (a small draft model) or 'self:LAYER' (early exit). "
+                                  "Requests then take turns instead of being batched: best at low concurrency."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (loopback by default; anything else "
                                                          "exposes the server to the network)."),
     port: int = typer.Option(8000, "--port", help="TCP port."),
@@ -56,8 +59,9 @@ def serve(
     extra = _load_options(adapter=adapter, quant=quant)
     with progress_bar() as progress:
         llm = load(model, dtype=dtype, device=device, threads=threads, progress=progress, **extra)
+    strategy = _strategy_factory(speculate, llm, dtype, device) if speculate else None
     scheduler = Scheduler(llm.model, llm.tokenizer, max_batch=max_batch, max_queue=max_queue,
-                          max_length=max_context, prefill_chunk=prefill_chunk)
+                          max_length=max_context, prefill_chunk=prefill_chunk, strategy=strategy)
     name = served_name or llm.info.name
     loopback = host in LOOPBACK
     settings = ServeSettings(model_name=name, aliases=(llm.info.name,) if served_name else (), api_key=api_key or None,
@@ -66,7 +70,8 @@ def serve(
     application = create_app(scheduler, llm.tokenizer, settings)
     shown = f"[{host}]" if ":" in host else host
     err.print(f"[bold]{name}[/] on http://{shown}:{port} — chat page at /, OpenAI API at /v1 "
-              f"(batch {max_batch}, queue {max_queue}{', API key required' if api_key else ''})")
+              f"({f'speculative: {speculate}, ' if speculate else ''}batch {max_batch}, queue {max_queue}"
+              f"{', API key required' if api_key else ''})")
     err.print(f"KV cache grows with the load, up to {scheduler.cache_bytes_at_full_load() / 2**30:.2f} GiB with "
               f"{max_batch} requests of {scheduler.max_length} tokens (lower --max-batch or --max-context to cap it)",
               style="dim")
@@ -74,6 +79,31 @@ def serve(
         err.print(f"[yellow]warning:[/] listening on {host} without --api-key: anyone who can reach this machine "
                   "can use the server")
     uvicorn.run(application, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+
+
+def _strategy_factory(spec: str, llm, dtype: str, device: str):
+    """'lookup', 'draft:MODEL' or 'self:LAYER' -> a factory of per-request SpeculativeDecoding strategies."""
+    from hayai.decode.draft_model import DraftModel
+    from hayai.decode.prompt_lookup import PromptLookup
+    from hayai.decode.self_speculative import EarlyExit
+    from hayai.decode.speculative import SpeculativeDecoding
+    from hayai.errors import ConfigError
+
+    eos = llm.tokenizer.eos_token_ids
+    kind, _, arg = spec.partition(":")
+    if kind == "lookup" and not arg:
+        return lambda: SpeculativeDecoding(PromptLookup(stop_token_ids=eos))
+    if kind == "draft" and arg:
+        from hayai.api import load
+
+        draft = load(arg, dtype=dtype, device=device).model
+        return lambda: SpeculativeDecoding(DraftModel(draft, stop_token_ids=eos))
+    if kind == "self" and arg.isdigit():
+        layers = llm.model.config.num_hidden_layers
+        if not 0 < int(arg) < layers:
+            raise ConfigError(f"--speculate self:LAYER needs 0 < LAYER < {layers} (the model's layers), got {arg}")
+        return lambda: SpeculativeDecoding(EarlyExit(exit_layer=int(arg), stop_token_ids=eos))
+    raise ConfigError(f"--speculate must be 'lookup', 'draft:MODEL' or 'self:LAYER', got {spec!r}")
 
 
 def _allowed_hosts(loopback: bool, extra: list[str], loopback_names: frozenset[str]) -> frozenset[str]:

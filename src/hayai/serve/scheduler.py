@@ -17,6 +17,10 @@ Greedy decoding of a request gives the tokens `Engine.generate` gives for it alo
 same per-token decode, only batched with others (equal up to floating-point summation order). Per-request
 sampling parameters and seeds are kept: each request has its own `torch.Generator`.
 
+With a per-request `strategy` (speculative decoding: several tokens per target pass for one sequence), requests
+are not batched: each keeps its own cache and strategy, and running requests take turns, one `step` each.
+Speculation pays at low concurrency; batching pays at high concurrency (vLLM's docs say the same).
+
 Waiting requests live in a bounded queue; a submission that finds it full raises `QueueFullError` with a
 suggested retry delay (the HTTP layer answers 503 with Retry-After) instead of letting latency grow without
 bound. Results go to a per-request `sink` callback, called on the engine thread (keep it cheap: the HTTP layer
@@ -36,7 +40,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hayai.decode.engine import Completion, GenerationStats, StopChecker
+from hayai.decode.engine import Completion, DecodeStrategy, GenerationStats, StopChecker
 from hayai.decode.sampling import SamplingParams, select
 from hayai.errors import ConfigError, ContextOverflowError, HayaiError
 from hayai.models.kv_cache import KVCache
@@ -148,6 +152,8 @@ class _Sequence:
         self.pending: int | None = None  # the last accepted token, fed to the next decode step
         self.prefilled = 0  # prompt tokens already in the staging cache
         self.staging: KVCache | None = None
+        self.decoder_strategy: DecodeStrategy | None = None  # only with a per-request strategy
+        self.stats: GenerationStats | None = None
         self.forwards = 0
         self.started_at = 0.0
         self.first_token_at = 0.0
@@ -186,7 +192,8 @@ class Scheduler:
     """
 
     def __init__(self, model: CausalLM, tokenizer: Tokenizer, *, max_batch: int = 16, max_queue: int = 64,
-                 max_length: int | None = None, prefill_chunk: int = 512, initial_length: int = 512):
+                 max_length: int | None = None, prefill_chunk: int = 512, initial_length: int = 512,
+                 strategy: Callable[[], DecodeStrategy] | None = None):
         if max_batch < 1:
             raise ConfigError(f"max_batch must be >= 1, got {max_batch}")
         if max_queue < 0:
@@ -203,6 +210,7 @@ class Scheduler:
         self.max_length = max_length or context
         self.prefill_chunk = prefill_chunk
         self.initial_length = min(initial_length, self.max_length)
+        self.strategy = strategy
         self._weight_bytes = weight_bytes_read_per_token(model)
 
         self._lock = threading.Lock()
@@ -360,12 +368,18 @@ class Scheduler:
         self._prefilling = kept
         for row in reversed(range(len(self._running))):
             if self._running[row].ticket.id in cancelled:
-                self._release_row(row)
+                if self.strategy is None:
+                    self._release_row(row)
+                else:
+                    self._running.pop(row)
                 dropped += 1
         self._counts["cancelled"] += dropped
 
     def _prefill(self) -> None:
         """Prefill waiting sequences, at most `prefill_chunk` prompt tokens this iteration (at least one chunk)."""
+        if self.strategy is not None:
+            self._start_strategies()
+            return
         budget = self.prefill_chunk
         for seq in list(self._prefilling):
             if budget <= 0:
@@ -401,6 +415,9 @@ class Scheduler:
         n = len(self._running)
         if n == 0:
             return
+        if self.strategy is not None:
+            self._step_strategies()
+            return
         device = self.model.device
         tokens = torch.tensor([[s.pending] for s in self._running], device=device)  # [n, 1]
         self._ensure_capacity(n, max(self._cache.lengths[:n]) + 1)
@@ -430,10 +447,12 @@ class Scheduler:
     def _finish(self, seq: _Sequence) -> None:
         end = time.perf_counter()
         ticket = seq.ticket
-        stats = GenerationStats(
-            prompt_tokens=len(seq.prompt), generated_tokens=len(seq.tokens),
-            prefill_seconds=seq.first_token_at - seq.started_at, decode_seconds=end - seq.first_token_at,
-            target_forwards=seq.forwards, weight_bytes_per_forward=self._weight_bytes, strategy="continuous-batching")
+        stats = seq.stats or GenerationStats(prompt_tokens=len(seq.prompt), target_forwards=seq.forwards,
+                                             weight_bytes_per_forward=self._weight_bytes,
+                                             strategy="continuous-batching")
+        stats.generated_tokens = len(seq.tokens)
+        stats.prefill_seconds = seq.first_token_at - seq.started_at
+        stats.decode_seconds = end - seq.first_token_at
         completion = Completion("".join(seq.text_parts), seq.tokens, seq.finish, stats)
         self._counts["completed"] += 1
         self._counts["generated_tokens"] += len(seq.tokens)
@@ -442,6 +461,40 @@ class Scheduler:
         ticket.finished = True
         ticket.sink(FinishEvent(completion, seq.started_at - ticket.submitted_at,
                                 seq.first_token_at - ticket.submitted_at))
+
+    # ---- per-request strategies (speculative decoding): interleaved, not batched ----------------------------------
+    def _start_strategies(self) -> None:
+        """Each admitted request gets its own strategy and cache; `start` runs its whole prompt."""
+        budget = self.prefill_chunk
+        for seq in list(self._prefilling):
+            if budget <= 0:
+                break
+            strategy = self.strategy()
+            request = seq.ticket.request
+            cache = self.model.new_cache(1, len(seq.prompt) + request.max_tokens + strategy.extra_cache_slots)
+            seq.stats = GenerationStats(prompt_tokens=len(seq.prompt), weight_bytes_per_forward=self._weight_bytes,
+                                        strategy=strategy.name)
+            prompt = torch.tensor([seq.prompt], device=self.model.device)  # [1, T]
+            strategy.start(self.model, cache, prompt, seq.params, seq.generator, seq.stats)
+            seq.decoder_strategy = strategy
+            budget -= len(seq.prompt)
+            self._prefilling.remove(seq)
+            self._running.append(seq)
+
+    def _step_strategies(self) -> None:
+        """One `step` of every running request in turn (each may return several tokens)."""
+        for seq in list(self._running):
+            new = seq.decoder_strategy.step(seq.ticket.request.max_tokens - len(seq.tokens))
+            if not seq.first_token_at:
+                seq.first_token_at = time.perf_counter()
+            for token in new:
+                self._emit(seq, seq.accept(token))
+                if seq.done:
+                    break
+            if seq.done:
+                self._running.remove(seq)
+                self._finish(seq)
+        self._counts["decode_steps"] += 1
 
     # ---- the shared cache ---------------------------------------------------------------------------------------
     def _leading_rows(self, n: int) -> KVCache:
