@@ -285,3 +285,11 @@ def test_disconnecting_clients_free_their_rows(served):
     assert wait_until(lambda: scheduler.stats().cancelled == cancelled + 2)
     stats = scheduler.stats()
     assert stats.running == 0 and stats.prefilling == 0 and stats.generated_tokens == generated
+
+
+def test_each_finished_request_is_logged(client, caplog):
+    with caplog.at_level("INFO", logger="hayai.serve"):
+        client.completions.create(model=NAME, prompt="Hello", temperature=0, max_tokens=3,
+                                  extra_body={"ignore_eos": True})
+    lines = [r.getMessage() for r in caplog.records if r.name == "hayai.serve"]
+    assert any(line.startswith("completion: ") and "+ 3 answer tokens" in line for line in lines), lines

@@ -78,7 +78,20 @@ def serve(
     if not loopback and not api_key:
         err.print(f"[yellow]warning:[/] listening on {host} without --api-key: anyone who can reach this machine "
                   "can use the server")
+    _log_requests(log_level)
     uvicorn.run(application, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+
+
+def _log_requests(level: str) -> None:
+    """One line per finished request on stderr (tokens, queueing, time to first token, speed), like uvicorn's."""
+    import logging
+
+    logger = logging.getLogger("hayai.serve")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(level.upper() if level.upper() in logging.getLevelNamesMapping() else "INFO")
+    logger.propagate = False
 
 
 def _strategy_factory(spec: str, llm, dtype: str, device: str):

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,7 @@ from hayai.serve.scheduler import (
     Ticket,
 )
 
+log = logging.getLogger("hayai.serve")
 STATIC = Path(__file__).resolve().parent / "static"
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
 PAGE_SECURITY_HEADERS = {
@@ -134,6 +136,7 @@ class _API:
             return self._stream(job, ChunkWriter("chat", rid, model, body.include_usage), len(prompt_ids))
         finish = await job.result(request)
         c = finish.completion
+        _log_finish("chat", finish)
         return JSONResponse(chat_response(rid, model, c.text, c.finish_reason, len(prompt_ids), len(c.token_ids)))
 
     async def completions(self, request: Request) -> Response:
@@ -150,6 +153,7 @@ class _API:
                                 echo=echo)
         finish = await job.result(request)
         c = finish.completion
+        _log_finish("completion", finish)
         return JSONResponse(completion_response(rid, model, echo + c.text, c.finish_reason, len(prompt_ids),
                                                 len(c.token_ids)))
 
@@ -217,6 +221,7 @@ class _API:
                         yield writer.text(event.text)
                     elif isinstance(event, FinishEvent):
                         c = event.completion
+                        _log_finish(f"{writer.kind} stream", event)
                         yield writer.finish(c.finish_reason, prompt_tokens, len(c.token_ids))
                     else:
                         yield sse(APIError(500, event.message, type="server_error").body())
@@ -283,6 +288,13 @@ class _Job:
             yield event
             if not isinstance(event, TextEvent):
                 return
+
+
+def _log_finish(kind: str, event: FinishEvent) -> None:
+    stats = event.completion.stats
+    log.info("%s: %d prompt + %d answer tokens, queued %.2f s, first token %.2f s, %.1f tok/s, %s", kind,
+             stats.prompt_tokens, stats.generated_tokens, event.queued_seconds, event.first_token_seconds,
+             stats.decode_tokens_per_second, event.completion.finish_reason)
 
 
 async def _disconnected(request: Request) -> None:
