@@ -48,8 +48,10 @@ class CandidateSource(ABC):
     def propose(self, context: list[int], max_tokens: int) -> Draft:
         """At most `max_tokens` tokens likely to follow `context` (the prompt and every token accepted so far)."""
 
-    def feedback(self, context: list[int], drafted: int, accepted: int) -> None:  # noqa: B027 (optional hook)
-        """After verification: `context` now ends with the accepted drafts and the target's own token."""
+    def feedback(self, context: list[int], drafted: int, accepted: int,  # noqa: B027 (an optional hook)
+                 target_logits: torch.Tensor | None = None) -> None:
+        """After verification: `context` now ends with the accepted drafts and the target's own token;
+        `target_logits` [drafted+1, V] are the target's outputs at the verified positions."""
 
     @property
     def draft_forwards(self) -> int:

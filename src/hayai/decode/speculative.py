@@ -51,14 +51,15 @@ class SpeculativeDecoding(DecodeStrategy):
             return [token]
         k = min(self.draft_length.current, max_tokens - 1)
         draft = self.source.propose(self.context, k) if k > 0 else Draft([])
-        verdict = self.verify(draft.tokens[:k], None if draft.probs is None else draft.probs[:k])
+        verdict, logits = self.verify(draft.tokens[:k], None if draft.probs is None else draft.probs[:k])
         self.context.extend(verdict.tokens)
-        self.source.feedback(self.context, min(k, len(draft)), verdict.accepted)
+        self.source.feedback(self.context, min(k, len(draft)), verdict.accepted, logits)
         self.draft_length.update(min(k, len(draft)), verdict.accepted)
         return verdict.tokens
 
-    def verify(self, tokens: list[int], draft_probs: torch.Tensor | None) -> Verdict:
-        """One target pass over the last context token and the drafts; roll the cache back to what is kept."""
+    def verify(self, tokens: list[int], draft_probs: torch.Tensor | None) -> tuple[Verdict, torch.Tensor]:
+        """One target pass over the last context token and the drafts; roll the cache back to what is kept.
+        Returns the verdict and the target's logits [k+1, V]."""
         self.cache.truncate(len(self.context) - 1)  # a draft sharing the cache may have written past it
         ids = torch.tensor([[self.context[-1], *tokens]], device=self.model.device)  # [1, k+1]
         logits = self.model(ids, cache=self.cache)[0]  # [k+1, V]
@@ -74,7 +75,7 @@ class SpeculativeDecoding(DecodeStrategy):
         for i in range(len(tokens)):
             self.position_drafted[i] += 1
             self.position_accepted[i] += i < verdict.accepted
-        return verdict
+        return verdict, logits
 
     @property
     def draft_forwards(self) -> int:

@@ -116,6 +116,16 @@ class KVCache:
                 raise ValueError(f"row {b}: cannot truncate to {new}, it holds only {old} positions")
         self.lengths = list(lengths)
 
+    def move_slots(self, src: list[int], dst: int) -> None:
+        """Copy the entries at slots `src` (every row and layer) to slots dst, dst+1, ... (lookahead decoding
+        keeps the keys/values of a verified branch that was written further along). Lengths are unchanged."""
+        if not src:
+            return
+        index = torch.tensor(src, device=self.keys[0].device)
+        for keys, values in zip(self.keys, self.values, strict=True):
+            keys[:, :, dst:dst + len(src)] = keys[:, :, index]  # the gather copies before the write
+            values[:, :, dst:dst + len(src)] = values[:, :, index]
+
     def select_rows(self, rows: list[int]) -> KVCache:
         """A new cache holding only the given rows (in that order), e.g. to drop finished sequences."""
         picked = KVCache.__new__(KVCache)
