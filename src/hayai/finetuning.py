@@ -41,7 +41,7 @@ from torch import nn
 from hayai.errors import ConfigError
 from hayai.models.loading import ModelInfo, load_model
 from hayai.models.tokenizer import Tokenizer
-from hayai.runtime import configure_threads, cpu_has_fast_bf16, resolve_device
+from hayai.runtime import configure_threads, resolve_device
 from hayai.train.checkpointing import activation_checkpointing_removed, apply_activation_checkpointing
 from hayai.train.data import DataLoader, LoadedData, Record, prompt_text, read_jsonl, tokenize_records
 from hayai.train.export import save_model_directory
@@ -56,6 +56,7 @@ from hayai.train.memory import (
     probe_activations,
 )
 from hayai.train.optim import OptimizerUpdate, UpdateRule
+from hayai.train.precision import resolve_autocast
 from hayai.train.report import plot_loss_curve
 from hayai.train.schedule import LRSchedule, warmup_steps_for
 from hayai.train.trainer import Trainer, TrainEvent, latest_checkpoint, trainable_parameters
@@ -91,12 +92,12 @@ class FinetuneConfig:
     # adapters
     lora_r: int = 8
     lora_alpha: float = 16.0
-    lora_dropout: float = 0.05
+    lora_dropout: float = 0.0  # PEFT's default; dropout keeps an fp32 mask per adapted layer
     target_modules: str | list[str] = "all-linear"
     use_rslora: bool = False
     # memory
     gradient_checkpointing: bool | None = None  # None: only when needed to fit
-    autocast: str = "auto"  # auto (bf16 where the hardware has it) | bf16 | fp16 | none
+    autocast: str = "auto"  # auto (bf16 where it is at least as fast as fp32; see hayai.train.precision) | bf16 | none
     chunked_loss: bool = True
     memory_limit: int | None = None  # bytes; default: what the machine has available
     # run
@@ -119,8 +120,6 @@ class FinetuneConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"max_steps must be >= 1, got {self.max_steps}")
-        if self.autocast not in ("auto", "bf16", "fp16", "none"):
-            raise ConfigError(f"autocast must be auto, bf16, fp16 or none, got {self.autocast!r}")
         if self.method in ("lomo", "adalomo") and self.grad_accum > 1:
             raise ConfigError(f"{self.method} updates inside backward and cannot accumulate gradients; use "
                               "grad_accum 1 and a larger batch size")
@@ -188,21 +187,6 @@ class FinetuneResult:
 
 
 # ---- setup helpers -----------------------------------------------------------------------------------------------
-def resolve_autocast(choice: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for `choice` ("auto": bf16 on GPUs that have it and CPUs with native bf16)."""
-    if choice == "none":
-        return None
-    if choice == "bf16":
-        return torch.bfloat16
-    if choice == "fp16":
-        if device.type != "cuda":
-            raise ConfigError("fp16 autocast is for GPUs; on CPU use bf16 or none")
-        raise ConfigError("fp16 training needs loss scaling, which hayai does not implement; use bf16 or none")
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    return torch.bfloat16 if cpu_has_fast_bf16() else None
-
-
 def _cast_frozen_linears(model: nn.Module, dtype: torch.dtype) -> None:
     """Store frozen nn.Linear weights in `dtype` (the autocast dtype: they are only ever read in it), except a
     weight shared with the embedding table, which stays fp32 with the embeddings and norms."""

@@ -121,7 +121,8 @@ def finetune(
                                         "AdaLomo: off). 0 turns clipping off."),
     lora_r: int = typer.Option(8, "--lora-r", help="LoRA rank."),
     lora_alpha: float = typer.Option(16.0, "--lora-alpha", help="LoRA alpha (scale alpha/r)."),
-    lora_dropout: float = typer.Option(0.05, "--lora-dropout"),
+    lora_dropout: float = typer.Option(0.0, "--lora-dropout", help="Dropout on the adapter input (PEFT "
+                                       "default 0)."),
     target_modules: str = typer.Option("all-linear", "--target-modules", help="all-linear, or comma-separated "
                                        "module names (q_proj,v_proj)."),
     rslora: bool = typer.Option(False, "--rslora", help="Scale LoRA by alpha/sqrt(r)."),
@@ -129,7 +130,8 @@ def finetune(
     train_on_prompt: bool = typer.Option(False, "--train-on-prompt", help="Also train on prompt tokens."),
     gradient_checkpointing: bool = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing",
                                                 help="Default: on only when needed to fit in memory."),
-    autocast: str = typer.Option("auto", "--autocast", help="auto (bf16 where the hardware has it), bf16 or none."),
+    autocast: str = typer.Option("auto", "--autocast", help="auto (bf16 where it is measured at least as fast as "
+                                 "fp32), bf16 or none (fp32)."),
     memory_limit: str = typer.Option(None, "--memory-limit", help="Refuse to start above this peak (e.g. 4GB); "
                                      "default: the memory available."),
     eval_every: int = typer.Option(0, "--eval-every", help="Evaluate every N steps (and at the end)."),
