@@ -66,9 +66,16 @@ class FinetuneTechnique:
     options: tuple[tuple[str, Any], ...] = ()
     description: str = ""
 
+    @property
+    def key(self) -> str:
+        """The name `--only` selects it by: the method, "lora-checkpointing" for LoRA with checkpointing."""
+        return f"{self.method}-checkpointing" if dict(self.options).get("gradient_checkpointing") else self.method
 
-def plan_techniques(methods: tuple[str, ...] | None = None) -> list[FinetuneTechnique]:
-    """Full fine-tuning first (the baseline), then every other method, then LoRA with checkpointing."""
+
+def plan_techniques(methods: tuple[str, ...] | None = None,
+                    only: tuple[str, ...] | None = None) -> list[FinetuneTechnique]:
+    """Full fine-tuning first (the baseline), then every other method, then LoRA with checkpointing; with
+    `only`, the baseline and the techniques whose keys are listed."""
     if methods is None:
         from hayai.finetuning import METHODS
 
@@ -82,7 +89,11 @@ def plan_techniques(methods: tuple[str, ...] | None = None) -> list[FinetuneTech
         runs.append(FinetuneTechnique("LoRA r=8 + checkpointing", "finetune", "lora",
                                       (("gradient_checkpointing", True),),
                                       "LoRA with activation checkpointing: blocks rerun their forward in backward"))
-    return runs
+    return [t for t in runs if only is None or t.kind == "baseline" or t.key in only]
+
+
+def technique_keys(methods: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(t.key for t in plan_techniques(methods) if t.kind != "baseline")
 
 
 # ---- in the child process ----------------------------------------------------------------------------------------
@@ -202,7 +213,7 @@ def to_result(m: Measured, settings: FinetuneSettings, context: dict[str, Any]) 
     quality = math.exp(eval_loss) if eval_loss is not None and eval_loss < 50 else None
     metrics: dict[str, Any] = {k: raw.get(k) for k in (
         "first_loss", "last_loss", "eval_loss", "trainable_parameters", "estimated_peak", "process_peak_rss",
-        "overall_tokens_per_second", "checkpointing", "exact_match", "seconds")}
+        "overall_tokens_per_second", "checkpointing", "exact_match", "seconds", "cpu_seconds")}
     config = context.get("config")
     if config is not None:
         full = t.method in ("full", "lomo", "adalomo")
@@ -232,4 +243,5 @@ DETAILS = [
     Detail("checkpointing", "checkpointing", "bool"),
     Detail("exact_match", "exact match", "percent"),
     Detail("joules", "energy (J)"),
+    Detail("cpu_seconds", "CPU time", "seconds"),
 ]

@@ -78,6 +78,11 @@ class GenerateTechnique:
     decoding: str = "autoregressive"
     description: str = ""
 
+    @property
+    def key(self) -> str:
+        """The name `--only` selects it by: the weight format or the decoding strategy."""
+        return self.weights if self.kind == "weights" else self.decoding
+
 
 # ---- in the child process ----------------------------------------------------------------------------------------
 def apply_weights(model: Any, weights: str, device: Any) -> dict[str, Any]:
@@ -225,18 +230,24 @@ def measure_generate(technique: GenerateTechnique, settings: GenerateSettings,
 
 
 # ---- in the parent: the technique list and the results -----------------------------------------------------------
-def plan_techniques(base_dtype: str, quick: bool, draft_model: str | None) -> tuple[list[GenerateTechnique],
-                                                                                     list[TechniqueResult]]:
-    """The techniques to run, and those skipped here (with the reason)."""
+KEYS = (*WEIGHT_FORMATS, *DECODINGS[1:])
+NAMES = {"lookup": "prompt lookup", "early-exit": "self-speculative (early exit)",
+         "self-int4": "self-speculative (int4 draft)", "draft": "draft model", "compiled": "compiled decode"}
+
+
+def plan_techniques(base_dtype: str, quick: bool, draft_model: str | None,
+                    only: tuple[str, ...] | None = None) -> tuple[list[GenerateTechnique], list[TechniqueResult]]:
+    """The techniques to run and those skipped here (with the reason). With `only`, the baseline and the
+    techniques whose keys (`KEYS`) are listed."""
+    chosen = set(KEYS if only is None else only)
     runs = [GenerateTechnique(f"{base_dtype} (baseline)", "baseline", description="plain autoregressive decoding")]
     for fmt in WEIGHT_FORMATS:
-        if fmt != base_dtype:
+        if fmt != base_dtype and fmt in chosen:
             runs.append(GenerateTechnique(fmt, "weights", weights=fmt, description=DESCRIPTIONS[fmt]))
-    names = {"lookup": "prompt lookup", "early-exit": "self-speculative (early exit)",
-             "self-int4": "self-speculative (int4 draft)", "draft": "draft model", "compiled": "compiled decode"}
     skipped = []
-    for decoding in ("lookup", "early-exit", "self-int4", "draft", "compiled"):
-        name = names[decoding]
+    for decoding, name in NAMES.items():
+        if decoding not in chosen:
+            continue
         if decoding == "draft" and not draft_model:
             skipped.append(TechniqueResult.skipped(name, "no draft model given (--draft-model NAME)", "decoding",
                                                    DESCRIPTIONS[decoding]))
@@ -291,7 +302,7 @@ def to_result(m: Measured, baseline: Measured | None, context: dict[str, Any]) -
         "acceptance": accepted / drafted if drafted else None,
         "weight_bytes_per_token": raw["weight_bytes_per_token"],
         "setup_seconds": raw["setup_seconds"], "setup_peak_rss": raw["setup_peak_rss"],
-        "process_peak_rss": m.peak_rss, "dtype": raw.get("dtype"),
+        "process_peak_rss": m.peak_rss, "dtype": raw.get("dtype"), "cpu_seconds": raw.get("cpu_seconds"),
     }
     if forwards and decode_seconds > 0:
         achieved = raw["weight_bytes_per_token"] * forwards / decode_seconds
@@ -359,4 +370,5 @@ DETAILS = [
     Detail("setup_peak_rss", "setup peak RSS", "bytes"),
     Detail("setup_seconds", "setup", "seconds"),
     Detail("decode_iqr", "decode IQR/median", "percent"),
+    Detail("cpu_seconds", "CPU time", "seconds"),
 ]

@@ -134,6 +134,7 @@ class IsolatedResult:
     exact: bool
     seconds: float
     cuda_peak_bytes: int | None = None
+    cpu_seconds: float | None = None  # user + system CPU time of the child, all threads, start-up included
 
     @property
     def peak_increase_bytes(self) -> int:
@@ -156,7 +157,17 @@ def _send_progress(conn: Any) -> Callable[..., None]:
     return send
 
 
+def _die_with_parent() -> None:
+    """Linux: have the kernel kill this process when its parent dies, so a killed run leaves no orphans."""
+    import ctypes
+    import signal
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def _child(conn: Any, fn: Callable, args: tuple, kwargs: dict, threads: int | None, progress: bool) -> None:
+    _die_with_parent()
     try:
         if threads:
             import torch
@@ -174,7 +185,8 @@ def _child(conn: Any, fn: Callable, args: tuple, kwargs: dict, threads: int | No
         torch = sys.modules.get("torch")
         if torch is not None and torch.cuda.is_initialized():
             cuda_peak = int(torch.cuda.max_memory_allocated())
-        conn.send(("result", value, peak, baseline, exact, seconds, cuda_peak))
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        conn.send(("result", value, peak, baseline, exact, seconds, cuda_peak, usage.ru_utime + usage.ru_stime))
     except BaseException as exc:  # everything goes back to the parent, which decides
         with contextlib.suppress(pickle.PicklingError, OSError, ValueError):
             conn.send(("error", type(exc).__name__, str(exc), traceback.format_exc()))
@@ -186,7 +198,8 @@ def run_isolated(fn: Callable[..., Any], *args: Any, timeout: float | None = Non
                  progress: Callable[..., None] | None = None, **kwargs: Any) -> IsolatedResult:
     """Run `fn(*args, **kwargs)` in a fresh Python process and return its value with its peak RSS.
 
-    `fn` must be importable by name (a module-level function) and its arguments and value picklable.
+    `fn` must be importable by name (a module-level function) and its arguments and value picklable. As with
+    any spawned process, a script calling this must guard its top level with `if __name__ == "__main__":`.
     `threads` sets torch's thread count in the child (default: torch's default there). With `progress`, the
     child calls `fn(..., progress=callback)` and every call of that callback is forwarded to `progress` here.
     Raises `IsolatedRunError` with the child's exception type, message and traceback when `fn` raises, when the
@@ -233,8 +246,8 @@ def run_isolated(fn: Callable[..., Any], *args: Any, timeout: float | None = Non
     if message[0] == "error":
         _, kind, text, tb = message
         raise IsolatedRunError(f"{kind}: {text}" if text else kind, kind, tb)
-    _, value, peak, baseline, exact, seconds, cuda_peak = message
-    return IsolatedResult(value, peak, baseline, exact, seconds, cuda_peak)
+    _, value, peak, baseline, exact, seconds, cuda_peak, cpu = message
+    return IsolatedResult(value, peak, baseline, exact, seconds, cuda_peak, cpu)
 
 
 def _name(fn: Callable) -> str:

@@ -217,7 +217,8 @@ def format_bytes(n: float | None) -> str:
         return "—"
     for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
         if abs(n) >= size:
-            return f"{n / size:.2f} {unit}"
+            value = n / size
+            return f"{value:.{2 if abs(value) < 10 else 1 if abs(value) < 100 else 0}f} {unit}"
     return f"{int(n)} B"
 
 
@@ -300,13 +301,17 @@ def details_rows(suite: SuiteResult) -> list[list[str]]:
             for r in suite.results if r.ok]
 
 
-def rich_table(suite: SuiteResult, error_width: int = 60) -> Any:
-    """The suite's main table as a `rich.table.Table` (failed rows red, skipped rows dim, the front bold)."""
+def rich_table(suite: SuiteResult, error_width: int = 48) -> Any:
+    """The suite's main table as a `rich.table.Table` (failed rows red, skipped rows dim, the speed-quality
+    front bold)."""
     from rich.table import Table
 
     table = Table(title=f"{suite.name} suite", title_justify="left")
-    for i, name in enumerate(table_header(suite)):
-        table.add_column(name, justify="left" if i in (0, 5, 6, 7) else "right", overflow="fold")
+    header = ["technique", suite.speed_label, "speed", suite.memory_label, "memory", suite.quality_label,
+              "lossless", "status"]
+    for i, name in enumerate(header):
+        numeric = i in (1, 2, 3, 4, 5)
+        table.add_column(name, justify="right" if numeric else "left", no_wrap=numeric, overflow="fold")
     front = {r.name for r in speed_quality_front(suite)}
     for r, row in zip(suite.results, table_rows(suite, error_width), strict=True):
         style = "red" if r.status == "failed" else "dim" if r.status == "skipped" else (

@@ -22,7 +22,7 @@ import datetime
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,9 +49,9 @@ class Sizes:
 
 
 QUICK = Sizes(prompts=2, new_tokens=32, perplexity_tokens=256, window=256, steps=3, batch_size=2, seq_len=128,
-              timeout=300)
+              timeout=1200)
 FULL = Sizes(prompts=8, new_tokens=128, perplexity_tokens=4096, window=512, steps=20, batch_size=4, seq_len=256,
-             timeout=3600)
+             timeout=7200)
 
 
 @dataclass
@@ -66,6 +66,7 @@ class BenchOptions:
     tolerance: float = 0.02
     draft_model: str | None = None
     exact_match: bool = False
+    only: tuple[str, ...] | None = None  # technique keys to run besides the baselines (see `technique_keys`)
     sizes: Sizes | None = None  # overrides QUICK / FULL
 
     def __post_init__(self) -> None:
@@ -111,7 +112,8 @@ class _Run:
             self.callback(BenchEvent(kind, index=self.index, total=self.total, **kwargs))
 
     def isolated(self, suite: str, name: str, fn: Callable[..., Any], *args: Any) -> tuple[Any, str | None, str, int]:
-        """Run one technique in a fresh process: (value or None, error or None, child traceback, peak RSS)."""
+        """Run one technique in a fresh process: (value or None, error or None, child traceback, peak RSS).
+        The value (a dict) gains the child's total CPU seconds and wall seconds."""
         self.index += 1
         self.emit("start", suite=suite, technique=name)
 
@@ -121,7 +123,10 @@ class _Run:
         try:
             result = run_isolated(fn, *args, threads=self.context.get("threads"), progress=forward,
                                   timeout=self.options.size.timeout)
-            return result.value, None, "", result.peak_rss_bytes
+            value = result.value
+            if isinstance(value, dict):
+                value = {**value, "cpu_seconds": result.cpu_seconds, "wall_seconds": result.seconds}
+            return value, None, "", result.peak_rss_bytes
         except IsolatedRunError as exc:
             return None, str(exc), exc.child_traceback, 0
 
@@ -142,7 +147,7 @@ def _generate(run: _Run, model_dir: str, data: BenchData) -> SuiteResult:
         perplexity_records=tuple(data.perplexity_records), dtype=o.dtype, device=o.device, threads=o.threads,
         new_tokens=size.new_tokens, perplexity_tokens=size.perplexity_tokens, window=size.window,
         draft_model=o.draft_model)
-    planned, skipped = generate_suite.plan_techniques(base_dtype, o.quick, o.draft_model)
+    planned, skipped = generate_suite.plan_techniques(base_dtype, o.quick, o.draft_model, o.only)
     suite = SuiteResult("generate", speed_label="decode tok/s",
                         memory_label="CUDA peak" if device.type == "cuda" else "peak RSS",
                         quality_label="perplexity", quality_tolerance=o.tolerance, details=generate_suite.DETAILS)
@@ -204,7 +209,7 @@ def _finetune(run: _Run, model_dir: str, data: BenchData, workdir: Path) -> Suit
                         memory_label="CUDA peak" if device.type == "cuda" else "peak RSS",
                         quality_label="eval perplexity", quality_tolerance=o.tolerance,
                         details=finetune_suite.DETAILS)
-    for technique in finetune_suite.plan_techniques(run.context.get("finetune_methods")):
+    for technique in finetune_suite.plan_techniques(run.context.get("finetune_methods"), o.only):
         value, error, tb, _ = run.isolated("finetune", technique.name, finetune_suite.measure_finetune, technique,
                                            settings)
         m = finetune_suite.Measured(technique, value, error, tb)
@@ -236,11 +241,41 @@ def count_techniques(options: BenchOptions, methods: tuple[str, ...] | None = No
     total = 0
     if "generate" in options.suites:
         planned, skipped = generate_suite.plan_techniques(base_dtype_name(options), options.quick,
-                                                          options.draft_model)
+                                                          options.draft_model, options.only)
         total += len(planned) + len(skipped) + 1  # + the combination
     if "finetune" in options.suites:
-        total += len(finetune_suite.plan_techniques(methods))
+        total += len(finetune_suite.plan_techniques(methods, options.only))
     return total
+
+
+def technique_keys(methods: tuple[str, ...] | None = None) -> tuple[str, ...]:
+    """Every name `only` accepts: weight formats, decoding strategies, finetune methods."""
+    if methods is None:
+        from hayai.finetuning import METHODS
+
+        methods = tuple(METHODS)
+    return tuple(dict.fromkeys((*generate_suite.KEYS, *finetune_suite.technique_keys(methods))))
+
+
+def suites_to_run(options: BenchOptions, methods: tuple[str, ...] | None = None) -> tuple[str, ...]:
+    """The chosen suites, less those none of whose techniques `only` selects."""
+    if options.only is None:
+        return options.suites
+    selected = {"generate": set(generate_suite.KEYS), "finetune": set(finetune_suite.technique_keys(methods or ()))}
+    chosen = tuple(s for s in options.suites if selected[s] & set(options.only))
+    if not chosen:
+        raise ConfigError(f"--only {', '.join(options.only)} selects no technique of the {' or '.join(options.suites)} "
+                          "suite")
+    return chosen
+
+
+def check_only(only: tuple[str, ...] | None, methods: tuple[str, ...] | None = None) -> None:
+    if only is None:
+        return
+    known = technique_keys(methods)
+    unknown = [k for k in only if k not in known]
+    if unknown:
+        raise ConfigError(f"--only: unknown technique {', '.join(unknown)}; choose from {', '.join(known)}")
 
 
 def run_bench(options: BenchOptions, callback: Callable[[BenchEvent], None] | None = None) -> BenchReport:
@@ -260,11 +295,14 @@ def run_bench(options: BenchOptions, callback: Callable[[BenchEvent], None] | No
     data = load_bench_data(options.data)
     run.context["threads"] = configure_threads(options.threads)
     run.context["config"] = ModelConfig.from_file(directory / "config.json")
-    if "finetune" in options.suites:
-        from hayai.finetuning import METHODS
+    from hayai.finetuning import METHODS
 
-        run.context["finetune_methods"] = tuple(METHODS)
-    run.total = count_techniques(options, run.context.get("finetune_methods"))
+    run.context["finetune_methods"] = tuple(METHODS)
+    methods = run.context.get("finetune_methods")
+    check_only(options.only, methods)
+    options = replace(options, suites=suites_to_run(options, methods))
+    run.options = options
+    run.total = count_techniques(options, methods)
     run.emit("stage", message="measuring the memory read bandwidth")
     device = resolve_device(options.device)
     limit = measure_read_bandwidth(device)
@@ -277,7 +315,8 @@ def run_bench(options: BenchOptions, callback: Callable[[BenchEvent], None] | No
     }
     report = BenchReport(info.name, describe(), [], {
         "model path": model_dir, "data": data.source, "suites": ", ".join(options.suites), "quick": options.quick,
-        "device": str(device), "quality tolerance": f"{options.tolerance:.0%}"}, environment,
+        "device": str(device), "quality tolerance": f"{options.tolerance:.0%}",
+        **({"only": ", ".join(options.only)} if options.only else {})}, environment,
         datetime.datetime.now().isoformat(timespec="seconds"))
     with tempfile.TemporaryDirectory(prefix="hayai-bench-") as tmp:
         for name in options.suites:
