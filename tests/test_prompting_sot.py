@@ -26,6 +26,7 @@ def test_skeleton_missing_index_keeps_the_numbers_given():
 
 def test_skeleton_duplicates_keep_the_first():
     assert parse_skeleton("1. A\n2. B\n2. B again\n1. A again\n3. C") == [(1, "A"), (2, "B"), (3, "C")]
+    assert parse_skeleton("1. Sleep.\n2. Diet.\n3. sleep\n4. Rest.") == [(1, "Sleep."), (2, "Diet."), (4, "Rest.")]
 
 
 def test_skeleton_reordered_points_are_sorted():
@@ -50,6 +51,7 @@ def test_skeleton_formats_and_trailing_prose():
 def test_expansion_is_cut_where_the_next_point_starts():
     assert clean_expansion(" keeps you rested.\n2. Dark room: blocks light.") == "keeps you rested."
     assert clean_expansion(" costs 3.5 dollars a day.") == "costs 3.5 dollars a day."
+    assert clean_expansion(" keeps you rested. 2. Dark room. 3. Quiet.") == "keeps you rested."
 
 
 def sot_rule(prompt) -> str:

@@ -15,8 +15,9 @@ continues. SoT suits questions whose answer is a list of independent points; a r
 rest (arithmetic, code, single facts) to normal generation.
 
 Skeleton parsing (after the paper's `(\\d+)\\.\\s?(...)` extraction): one point per line that starts with a number and
-"." or ")"; the first occurrence of an index wins, points are ordered by index, at most `max_points` are kept, and
-anything after the numbered list (a model that starts writing the answer) is ignored. With fewer than
+"." or ")"; the first occurrence of an index (and of a point's text) wins, points are ordered by index, at most
+`max_points` are kept, and anything after the numbered list (a model that starts writing the answer) is ignored.
+An expansion is cut where the model starts writing another numbered point. With fewer than
 `min_points` points the question is answered normally.
 """
 
@@ -36,7 +37,7 @@ from hayai.models.tokenizer import Message
 from hayai.prompting.backends import Backend, GenParams, Result
 
 _POINT_LINE = re.compile(r"^\s*(?:[-*]\s*)?\**(\d{1,3})\**\s*[.)]\s*(.*?)\s*$")
-_NEXT_POINT = re.compile(r"\n\s*\d{1,3}\s*[.)]\s")
+_NEXT_POINT = re.compile(r"\s\d{1,3}[.)]\s")  # "... 2. Next point" inline or on a new line
 
 
 @dataclass(frozen=True)
@@ -75,8 +76,10 @@ class SoTPrompts:
 
 
 def parse_skeleton(text: str, max_points: int = 10) -> list[tuple[int, str]]:
-    """Numbered points (index, text) of a skeleton, ordered by index, first occurrence of each index kept."""
+    """Numbered points (index, text) of a skeleton, ordered by index; the first occurrence of an index and of a
+    point's text is kept (small models repeat points)."""
     points: dict[int, str] = {}
+    seen_texts: set[str] = set()
     started = False
     for line in text.splitlines():
         match = _POINT_LINE.match(line)
@@ -86,15 +89,17 @@ def parse_skeleton(text: str, max_points: int = 10) -> list[tuple[int, str]]:
             continue
         started = True
         index, point = int(match.group(1)), match.group(2).strip().strip("*").strip()
-        if index >= 1 and point and index not in points:
+        key = point.lower().rstrip(".")
+        if index >= 1 and point and index not in points and key not in seen_texts:
             points[index] = point
+            seen_texts.add(key)
     return sorted(points.items())[:max_points]
 
 
 def clean_expansion(text: str) -> str:
     """A point's expansion up to where the model starts writing the next point."""
-    match = _NEXT_POINT.search("\n" + text)
-    return (text[:match.start() - 1] if match and match.start() > 0 else text).strip()
+    match = _NEXT_POINT.search(text)
+    return (text[:match.start()] if match else text).strip()
 
 
 def join_point(prefix: str, content: str) -> str:
@@ -140,7 +145,7 @@ class SkeletonOfThought:
 
     def __init__(self, backend: Backend, *, prompts: SoTPrompts | None = None, router: Router | None = None,
                  max_points: int = 10, min_points: int = 2,
-                 skeleton_params: GenParams = GenParams(max_tokens=96),
+                 skeleton_params: GenParams = GenParams(max_tokens=96, stop=("\n\n",)),
                  point_params: GenParams = GenParams(max_tokens=64, stop=("\n\n",)),
                  normal_params: GenParams = GenParams(max_tokens=384)):
         if not 1 <= min_points <= max_points:
