@@ -14,6 +14,7 @@ from hayai.errors import HayaiError
 _COMMAND_MODULES = [
     "hayai.cli.store_cmd",
     "hayai.cli.generate_cmd",
+    "hayai.cli.quantize_cmd",
     "hayai.cli.finetune_cmd",
     "hayai.cli.compress_cmd",
     "hayai.cli.bench_cmd",

@@ -81,8 +81,13 @@ class EarlyExit(DraftModel):
 
     def start(self, target, target_cache, prompt, sampling, generator):
         if self._target is not target:  # build the draft network once per target model
-            layers = self.exit_layer or len(target.model.layers)
-            self.model = (early_exit_view(target, layers) if self.quant is None
-                          else quantized_draft(target, layers, self.quant, self.group_size))
+            from hayai.decode.compiled import CompiledLM
+
+            base = target.eager if isinstance(target, CompiledLM) else target
+            layers = self.exit_layer or len(base.model.layers)
+            self.model = (early_exit_view(base, layers) if self.quant is None
+                          else quantized_draft(base, layers, self.quant, self.group_size))
+            if isinstance(target, CompiledLM):  # a compiled target gets a compiled draft
+                self.model = CompiledLM(self.model, target.max_step_tokens, target.backend)
             self._target = target
         super().start(target, target_cache, prompt, sampling, generator)

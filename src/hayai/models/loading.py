@@ -288,11 +288,89 @@ def load_model(name_or_path: str | None = None, *, dtype: torch.dtype = torch.fl
     if entry is not None and verify:
         entry.verify()
     config = ModelConfig.from_file(directory / "config.json")
+    files = _weight_files(directory)
+    quantized = [f for f in files if _is_quantized_file(f)]
+    if quantized:
+        model = build_quantized_model(config, quantized[0], dtype=dtype, device=device)
+        return model, load_tokenizer(directory), info
     state: dict[str, torch.Tensor] = {}
-    for f in _weight_files(directory):
+    for f in files:
         state.update(_read_safetensors(f))
     model = build_model(config, state, dtype=dtype, device=device, where=str(directory))
     return model, load_tokenizer(directory), info
+
+
+# ---- quantized store entries (`hayai quantize`) ------------------------------------------------------------------
+def _is_quantized_file(path: Path) -> bool:
+    """A weights file written by `hayai.quant.save_quantized` (its metadata carries the quant config)."""
+    from safetensors import safe_open
+
+    from hayai.quant.checkpoint import METADATA_KEY
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return METADATA_KEY in (handle.metadata() or {})
+    except Exception:  # unreadable files are reported by the normal loading path
+        return False
+
+
+def build_quantized_model(config: ModelConfig, path: Path, *, dtype: torch.dtype, device: torch.device | str
+                          ) -> CausalLM:
+    """A quantized model from a file written by `save_quantized`: no float weights, no quantization on load.
+    Float parts (norms, scales) are cast to `dtype` when the file holds another dtype."""
+    from torch import nn
+
+    from hayai.quant import load_quantized, read_quantized
+
+    state, quant_config = read_quantized(path)
+    # Fresh, aligned copies: the packed int8/int4 kernels can crash on tensors left inside the file's mapping.
+    state = {key: tensor.clone() for key, tensor in state.items()}
+    with torch.device("meta"):
+        model = CausalLM(config)
+    load_quantized(model, state, quant_config, device=device)
+    head, embed = model.lm_head, model.model.embed_tokens
+    if config.tie_word_embeddings and type(head) is nn.Linear and type(embed) is nn.Embedding:
+        model.lm_head.weight = embed.weight  # both stayed float: share one table again
+    model.model.rotary.to(device)
+    if model.dtype != dtype:
+        model.to(dtype)
+    return model.eval().requires_grad_(False)
+
+
+def quantize_to_store(name_or_path: str | None, method: str, *, group_size: int = 64, name: str | None = None,
+                      embeddings: bool = True, dtype: torch.dtype = torch.float32, force: bool = False,
+                      store: ModelStore | None = None, progress: Progress | None = None) -> StoreEntry:
+    """Quantize a model (weights rounded in `dtype`, the dtype the kernels will run in) and save it as a new
+    store entry that loads directly (`load_model(name)`) without quantizing again."""
+    from hayai.quant import quantize_model, save_quantized
+    from hayai.quant.base import QuantizedLinear
+
+    store = store or ModelStore()
+    directory, info, _ = resolve(name_or_path, store, progress)
+    suffix = method if method != "int4" else f"int4-g{group_size}"
+    target = check_name(name or f"{info.name}-{suffix}")
+    if store.get(target) is not None and not force:
+        raise HayaiError(f"{store.path_for(target)} already exists (remove it with `hayai rm {target}` or pass "
+                         "--force)")
+    model, _, _ = load_model(str(directory), dtype=dtype, store=store, progress=progress)
+    if any(isinstance(m, QuantizedLinear) for m in model.modules()):
+        raise HayaiError(f"{info.name} is already quantized; quantize its float original instead")
+    stage = f"quantizing {info.name} to {method}"
+    summary = quantize_model(model, method, group_size=group_size, embeddings=embeddings,
+                             progress=(lambda d, t: progress(stage, d, t)) if progress else None)
+    config = ModelConfig.from_file(directory / "config.json")
+
+    def populate(out: Path) -> None:
+        save_quantized(model, out / "model.safetensors", summary.config)
+        config.save(out / "config.json")
+        for extra in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json"):
+            if (directory / extra).is_file():
+                shutil.copy2(directory / extra, out / extra)
+
+    source = {"description": f"{method} quantization of {info.name} ({summary.bytes_before / 1e6:.1f} MB -> "
+                             f"{summary.bytes_after / 1e6:.1f} MB)", "kind": "quantized", "base": info.name,
+              "method": method, "options": summary.config.get("options", {}), "dtype": str(dtype).split(".")[-1]}
+    return store.write(target, populate, source, overwrite=True)
 
 
 def build_model(config: ModelConfig, state: dict[str, torch.Tensor], *, dtype: torch.dtype = torch.float32,
