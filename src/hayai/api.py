@@ -30,6 +30,7 @@ class LLM:
         self.info = info
         self.engine = Engine(model, tokenizer)
         self.last_completion: Completion | None = None
+        self._drafts: dict[str, torch.nn.Module] = {}
 
     def __repr__(self) -> str:
         return f"LLM({self.info.name!r}, dtype={self.model.dtype}, device={self.model.device})"
@@ -50,12 +51,36 @@ class LLM:
     def stream(self, prompt: str | Sequence[Message], *, raw: bool = False, system: str | None = None,
                max_tokens: int = 256, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                seed: int | None = None, stop: Sequence[str] = (), truncate: bool = False,
-               strategy: DecodeStrategy | None = None) -> TextStream:
-        """Iterate over text pieces as they are generated; `.completion` has the text, ids and stats after."""
+               strategy: DecodeStrategy | None = None, speculate: str | None = None,
+               draft: LLM | str | None = None, speculate_options: Any = None) -> TextStream:
+        """Iterate over text pieces as they are generated; `.completion` has the text, ids and stats after.
+
+        `speculate` names a lossless decode strategy ("lookup", "draft" with `draft=`, "self", "lookahead",
+        "jacobi"; see `hayai.decode.strategies`), tuned by `speculate_options` (a `SpeculateOptions`).
+        """
+        if strategy is None and speculate is not None:
+            strategy = self.strategy(speculate, draft=draft, options=speculate_options)
         sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         stream = self.engine.stream(self.prompt_ids(prompt, raw=raw, system=system), max_new_tokens=max_tokens,
                                     sampling=sampling, stop=stop, truncate=truncate, strategy=strategy)
         return _Remembering(stream, self)
+
+    def strategy(self, name: str, *, draft: LLM | str | None = None, options: Any = None) -> DecodeStrategy:
+        """A fresh decode strategy called `name` for this model (`draft`: an LLM or a model name/path)."""
+        from hayai.decode.strategies import build_strategy
+
+        draft_model = None
+        if isinstance(draft, LLM):
+            draft_model = draft.model
+        elif draft is not None:
+            if draft not in self._drafts:
+                from hayai.decode.compiled import CompiledLM, compile_decode
+
+                loaded, _, _ = load_model(draft, dtype=self.model.dtype, device=self.model.device)
+                self._drafts[draft] = compile_decode(loaded) if isinstance(self.model, CompiledLM) else loaded
+            draft_model = self._drafts[draft]
+        return build_strategy(name, self.model, stop_token_ids=self.tokenizer.eos_token_ids, draft=draft_model,
+                              options=options)
 
     def generate(self, prompt: str | Sequence[Message], **kwargs: Any) -> str:
         """The whole answer as a string. Keyword arguments as for `stream`; stats in `last_completion`."""
@@ -86,11 +111,15 @@ class _Remembering(TextStream):
 
 def load(name_or_path: str | None = None, *, dtype: str | torch.dtype = "auto", device: str = "auto",
          threads: int | None = None, verify: bool = True, progress: Progress | None = None,
-         adapter: str | None = None) -> LLM:
+         adapter: str | None = None, quant: str | None = None, group_size: int = 64,
+         compile: bool = False) -> LLM:
     """Load a model: a store name, a known name (pulled on first use), an HF checkpoint dir or a .gguf file.
 
     dtype "auto" is bf16 on GPUs and on CPUs with native bf16 (AVX512-BF16/AMX), fp32 elsewhere.
     `adapter` is a PEFT-format adapter directory (LoRA or (IA)³, e.g. from `hayai finetune`) applied on top.
+    `quant` ("int8" or "int4", groups of `group_size`) quantizes the weights after loading (`hayai quantize`
+    stores a quantized copy instead); the packed kernels are fast with bf16 activations.
+    `compile` runs decode steps through `torch.compile` (`hayai.decode.compiled`; the first call compiles).
     """
     configure_threads(threads)
     target = resolve_device(device)
@@ -100,4 +129,12 @@ def load(name_or_path: str | None = None, *, dtype: str | torch.dtype = "auto", 
         from hayai.peft import load_adapter
 
         load_adapter(model, adapter)
+    if quant is not None:
+        from hayai.quant import quantize_model
+
+        quantize_model(model, quant, group_size=group_size, embeddings=quant in ("int8", "int4"))
+    if compile:
+        from hayai.decode.compiled import compile_decode
+
+        model = compile_decode(model)
     return LLM(model, tokenizer, info)
