@@ -15,20 +15,20 @@ def model(read=3, max_jump=4, max_jumps=2, seed=0) -> LSTMJump:
 
 
 def lstm_oracle(m: LSTMJump, sequences: list[list[int]]) -> torch.Tensor:
-    """Logits of the classifier on nn.LSTM's last hidden state over each token sequence (same weights)."""
-    lstm = nn.LSTM(m.embedding.embedding_dim, m.hidden_size, batch_first=True).double()
+    """Logits of the classifier on the last hidden state of an nn.LSTMCell (same weights) stepped over each
+    token sequence, one token at a time."""
+    cell = nn.LSTMCell(m.embedding.embedding_dim, m.hidden_size).double()
     with torch.no_grad():
-        lstm.weight_ih_l0.copy_(m.cell.weight_ih)
-        lstm.weight_hh_l0.copy_(m.cell.weight_hh)
-        lstm.bias_ih_l0.copy_(m.cell.bias_ih)
-        lstm.bias_hh_l0.copy_(m.cell.bias_hh)
+        cell.weight_ih.copy_(m.rnn.weight_ih_l0)
+        cell.weight_hh.copy_(m.rnn.weight_hh_l0)
+        cell.bias_ih.copy_(m.rnn.bias_ih_l0)
+        cell.bias_hh.copy_(m.rnn.bias_hh_l0)
     out = []
     for seq in sequences:
-        if not seq:
-            out.append(m.classifier(torch.zeros(m.hidden_size, dtype=torch.float64)))
-            continue
-        _, (h, _) = lstm(m.embedding(torch.tensor([seq])))
-        out.append(m.classifier(h[0, 0]))
+        h = c = torch.zeros(1, m.hidden_size, dtype=torch.float64)
+        for token in seq:
+            h, c = cell(m.embedding(torch.tensor([token])), (h, c))
+        out.append(m.classifier(h[0]))
     return torch.stack(out)
 
 

@@ -16,9 +16,10 @@ baseline (h_i detached, so the baseline does not shape the reader):
 
     J = CE(y, ŷ)  −  Σ_i log p(κ_i | h_i) · (r − b_i)  +  Σ_i (r − b_i)²      (`skim_loss`; weights adjustable)
 
-Batching. Examples advance in lockstep blocks: every active example reads its next token in the same LSTM
-step (each from its own read pointer), finished examples keep their state, and jump decisions are taken for
-all still-active examples at once after each block of R steps.
+Batching. Examples advance in lockstep blocks: each block gathers the next (up to) R tokens of every active
+example from its own read pointer and runs them through the LSTM as one packed sequence (examples that are
+done keep their state); jump decisions are then taken for all still-active examples at once. K = 0 is a
+single block over the whole text.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
 
 from hayai.errors import ConfigError
 
@@ -71,10 +73,24 @@ class LSTMJump(nn.Module):
         self.read, self.max_jump, self.max_jumps = read, max_jump, max_jumps
         self.hidden_size = hidden_size
         self.embedding = nn.Embedding(vocab_size, embed_dim, padding_idx=padding_idx)
-        self.cell = nn.LSTMCell(embed_dim, hidden_size)
+        self.rnn = nn.LSTM(embed_dim, hidden_size, batch_first=True)
         self.classifier = nn.Linear(hidden_size, num_classes)
         self.jump_head = nn.Linear(hidden_size, max_jump + 1) if max_jump > 0 else None  # softmax over {0..K}
         self.baseline = nn.Linear(hidden_size, 1) if max_jump > 0 else None  # b = w_bᵀ h + c_b
+
+    def _read(self, tokens: torch.Tensor, pos: torch.Tensor, count: torch.Tensor, h: torch.Tensor,
+              c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the LSTM over tokens[i, pos_i : pos_i + count_i] from state (h_i, c_i) for every i with
+        count_i > 0 (one packed call for the whole block); the others keep their state."""
+        rows = torch.nonzero(count > 0).squeeze(1)  # [n]
+        if rows.numel() == 0:
+            return h, c
+        steps = torch.arange(int(count.max()), device=tokens.device)
+        index = (pos[rows, None] + steps).clamp(max=tokens.shape[1] - 1)  # [n, S]
+        x = self.embedding(tokens[rows[:, None], index])  # [n, S, E]
+        packed = pack_padded_sequence(x, count[rows].cpu(), batch_first=True, enforce_sorted=False)
+        _, (h_n, c_n) = self.rnn(packed, (h[rows][None].contiguous(), c[rows][None].contiguous()))
+        return h.index_copy(0, rows, h_n[0]), c.index_copy(0, rows, c_n[0])
 
     def forward(self, tokens: torch.Tensor, lengths: torch.Tensor | None = None, *, greedy: bool | None = None,
                 read: int | None = None, max_jumps: int | None = None, record: bool = False) -> SkimOutput:
@@ -89,7 +105,9 @@ class LSTMJump(nn.Module):
         greedy = (not self.training) if greedy is None else greedy
         r = self.read if read is None else read
         n = self.max_jumps if max_jumps is None else max_jumps
-        h = tokens.new_zeros(b, self.hidden_size, dtype=self.classifier.weight.dtype)
+        if self.jump_head is None:
+            r = max(t, 1)  # K = 0: one block covers the whole text
+        h = torch.zeros(b, self.hidden_size, device=device, dtype=self.classifier.weight.dtype)
         c = torch.zeros_like(h)
         pos = torch.zeros(b, dtype=torch.long, device=device)  # each example's read pointer
         active = lengths > 0
@@ -99,27 +117,17 @@ class LSTMJump(nn.Module):
         positions: list[list[int]] | None = [[] for _ in range(b)] if record else None
         block = 0
         while bool(active.any()):
-            for _ in range(r):  # read R tokens (fewer where a text ends)
-                reading = active & (pos < lengths)  # [B]
-                if not bool(reading.any()):
-                    break
-                x = self.embedding(tokens.gather(1, pos.clamp(max=t - 1)[:, None]).squeeze(1))  # [B, E]
-                h_new, c_new = self.cell(x, (h, c))
-                h = torch.where(reading[:, None], h_new, h)
-                c = torch.where(reading[:, None], c_new, c)
-                if positions is not None:
-                    for i in torch.nonzero(reading).squeeze(1).tolist():
-                        positions[i].append(int(pos[i]))
-                pos = pos + reading.long()
-                tokens_read = tokens_read + reading.long()
+            count = torch.where(active, (lengths - pos).clamp(min=0, max=r), 0)  # [B] tokens this block
+            h, c = self._read(tokens, pos, count, h, c)
+            if positions is not None:
+                for i in torch.nonzero(count).squeeze(1).tolist():
+                    positions[i].extend(range(int(pos[i]), int(pos[i] + count[i])))
+            pos = pos + count
+            tokens_read = tokens_read + count
             active = active & (pos < lengths)  # (c) the text is finished
-            if self.jump_head is None:
-                continue  # K = 0: no decisions, read on to the end
-            if block >= n:
-                break  # (b) N jumps made and the R tokens after the last one read
+            if self.jump_head is None or block >= n or not bool(active.any()):
+                break  # K = 0 read everything; (b) N jumps made and the R tokens after the last one read
             block += 1
-            if not bool(active.any()):
-                break
             dist = torch.distributions.Categorical(logits=self.jump_head(h))  # over {0..K}, [B]
             kappa = dist.probs.argmax(-1) if greedy else dist.sample()  # [B]
             assert self.baseline is not None
