@@ -17,14 +17,49 @@ DtypeOption = typer.Option("auto", "--dtype", help="auto, fp32, bf16 or fp16 (au
 DeviceOption = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
 ThreadsOption = typer.Option(None, "--threads", help="CPU threads (default: physical cores).")
 AdapterOption = typer.Option(None, "--adapter", help="A PEFT adapter directory (e.g. from hayai finetune) to apply.")
+QuantOption = typer.Option(None, "--quant", help="Quantize the weights after loading: int8 or int4 "
+                                                "(or load a copy saved by `hayai quantize`).")
+GroupSizeOption = typer.Option(64, "--group-size", help="int4 group size (32, 64, 128).")
+CompileOption = typer.Option(False, "--compile", help="torch.compile the decode step (the first use compiles).")
+SpeculateOption = typer.Option(None, "--speculate", help="Lossless faster decoding: lookup, draft (with --draft), "
+                                                        "self, lookahead or jacobi.")
+DraftOption = typer.Option(None, "--draft", help="Draft model for --speculate draft (same tokenizer).")
+DraftTokensOption = typer.Option(None, "--draft-tokens", help="Most tokens drafted per step (default 8).")
+ExitLayerOption = typer.Option(None, "--exit-layer", help="--speculate self: draft with this many first layers "
+                                                         "(default: half).")
 
 
-def load_llm(model: str | None, dtype: str, device: str, threads: int | None, adapter: str | None = None) -> LLM:
+def load_llm(model: str | None, dtype: str, device: str, threads: int | None, adapter: str | None = None,
+             quant: str | None = None, group_size: int = 64, compile: bool = False) -> LLM:
     from hayai.api import load
     from hayai.cli.progress import progress_bar
 
     with progress_bar() as progress:
-        return load(model, dtype=dtype, device=device, threads=threads, progress=progress, adapter=adapter)
+        llm = load(model, dtype=dtype, device=device, threads=threads, progress=progress, adapter=adapter,
+                   quant=quant, group_size=group_size, compile=compile)
+    if compile:
+        err.print("compiling the decode step on first use (tens of seconds; cached on disk afterwards)", style="dim")
+    return llm
+
+
+def speculation(llm: LLM, speculate: str | None, draft: str | None, draft_tokens: int | None,
+                exit_layer: int | None) -> dict:
+    """Keyword arguments of `LLM.stream` for the --speculate options."""
+    if speculate is None:
+        return {}
+    from hayai.decode.strategies import SpeculateOptions
+
+    options = SpeculateOptions(exit_layer=exit_layer)
+    if draft_tokens is not None:
+        options.max_draft, options.draft_tokens = draft_tokens, min(options.draft_tokens, draft_tokens)
+    return {"strategy": llm.strategy(speculate, draft=draft, options=options)}
+
+
+def _report(llm: LLM, stats) -> None:
+    err.print(stats.summary(), style="dim")
+    reason = getattr(llm.model, "fallback_reason", None)
+    if reason:
+        err.print(f"--compile fell back to eager decoding: {reason}", style="yellow")
 
 
 def _read_prompt(prompt: str | None) -> str:
@@ -53,19 +88,27 @@ def generate(
     device: str = DeviceOption,
     threads: int = ThreadsOption,
     adapter: str = AdapterOption,
+    quant: str = QuantOption,
+    group_size: int = GroupSizeOption,
+    compile: bool = CompileOption,
+    speculate: str = SpeculateOption,
+    draft: str = DraftOption,
+    draft_tokens: int = DraftTokensOption,
+    exit_layer: int = ExitLayerOption,
 ) -> None:
     """Stream a completion to stdout (and only the completion, so it pipes); a speed report goes to stderr."""
     text = _read_prompt(prompt)
-    llm = load_llm(model, dtype, device, threads, adapter)
+    llm = load_llm(model, dtype, device, threads, adapter, quant, group_size, compile)
     stream = llm.stream(text, raw=raw, system=system, max_tokens=max_tokens, temperature=temperature,
-                        top_k=top_k, top_p=top_p, seed=seed, stop=stop or (), truncate=truncate)
+                        top_k=top_k, top_p=top_p, seed=seed, stop=stop or (), truncate=truncate,
+                        **speculation(llm, speculate, draft, draft_tokens, exit_layer))
     for piece in stream:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
     sys.stdout.flush()
     if not quiet:
-        err.print(stream.completion.stats.summary(), style="dim")
+        _report(llm, stream.completion.stats)
 
 
 @app.command()
@@ -84,16 +127,23 @@ def chat(
     url: str = typer.Option(None, "--url", help="Chat with a running server (hayai serve or any OpenAI-compatible "
                                                 "one) instead of loading a model, e.g. http://127.0.0.1:8000."),
     api_key: str = typer.Option(None, "--api-key", envvar="HAYAI_API_KEY", help="The server's API key (--url)."),
+    quant: str = QuantOption,
+    group_size: int = GroupSizeOption,
+    compile: bool = CompileOption,
+    speculate: str = SpeculateOption,
+    draft: str = DraftOption,
 ) -> None:
     """A multi-turn chat in the terminal. /reset clears the conversation, /exit (or Ctrl-D) leaves."""
     from hayai.errors import ContextOverflowError
 
+    spec: dict = {}
     if url:
         from hayai.serve.client import RemoteLLM
 
         llm = RemoteLLM(url, api_key=api_key, model=model)
     else:
-        llm = load_llm(model, dtype, device, threads, adapter)
+        llm = load_llm(model, dtype, device, threads, adapter, quant, group_size, compile)
+        spec = speculation(llm, speculate, draft, None, None)  # one strategy object serves every answer
     interactive = sys.stdin.isatty()
     base = [{"role": "system", "content": system}] if system else []
     history: list[dict[str, str]] = []
@@ -119,7 +169,7 @@ def chat(
         while True:
             try:
                 stream = llm.stream(base + history, max_tokens=max_tokens, temperature=temperature,
-                                    top_p=top_p, seed=seed)
+                                    top_p=top_p, seed=seed, **spec)
                 if interactive:
                     sys.stdout.write("\x1b[1;32mbot>\x1b[0m ")
                 pieces = []
