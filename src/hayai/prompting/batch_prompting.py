@@ -96,7 +96,8 @@ def batch_prompt(backend: Backend, questions: Sequence[str], exemplars: Sequence
         return BatchAnswers([])
     groups = [list(range(s, min(s + k, len(questions)))) for s in range(0, len(questions), max(k, 1))]
     prompts = [format_batch_prompt([questions[i] for i in g], exemplars, k, instruction) for g in groups]
-    call = params or GenParams(max_tokens=answer_tokens * k + 4, stop=("\n\n", "\nQ["))
+    # Stop at a blank line, a new question, or an answer index past the batch.
+    call = params or GenParams(max_tokens=answer_tokens * k + 4, stop=("\n\n", "\nQ[", f"\nA[{k + 1}]"))
     results = backend.complete(prompts, call)
     answers: list[str | None] = [None] * len(questions)
     for group, result in zip(groups, results, strict=True):
