@@ -119,7 +119,7 @@ class CompiledLM(CausalLM):
         try:
             hidden = self._compiled(input_ids, rope_positions, slots, full_mask, cache.keys, cache.values)
         except Exception as exc:  # compilation unavailable or failed: record why and stay eager
-            self.fallback_reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}"
+            self.fallback_reason = _reason(exc)
             return self.model(input_ids, positions, cache, mask)
         cache.lengths = [n + num_new for n in cache.lengths]
         self.compiled_calls += 1
@@ -128,6 +128,13 @@ class CompiledLM(CausalLM):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 cache: KVCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.lm_head(self.hidden(input_ids, positions, cache, mask))
+
+
+def _reason(exc: Exception) -> str:
+    """One line saying why compilation failed (the compiler's own error, not dynamo's wrapper)."""
+    inner = getattr(exc, "inner_exception", None) or exc
+    lines = [line.strip() for line in str(inner).splitlines() if line.strip()]
+    return f"{type(inner).__name__}: {lines[0] if lines else 'no message'}"
 
 
 def compile_decode(model: CausalLM, max_step_tokens: int = 32, backend: str = "inductor") -> CompiledLM:
