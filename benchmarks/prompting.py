@@ -271,20 +271,19 @@ def plot_cascade(singles: list[dict], curve: list[dict], path: Path) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def per_query_seconds(fn, queries: list, repeats: int = 1) -> float:
-    fn(queries[0])  # warm-up
+def per_query_seconds(fn, queries: list) -> tuple[float, list]:
+    """Mean seconds per query (after one warm-up call) and the outputs."""
+    fn(queries[0])
     t0 = time.perf_counter()
-    for _ in range(repeats):
-        for q in queries:
-            fn(q)
-    return (time.perf_counter() - t0) / (repeats * len(queries))
+    outputs = [fn(q) for q in queries]
+    return (time.perf_counter() - t0) / len(queries), outputs
 
 
 def bench_fid(llm, quick: bool) -> dict:
     tok = llm.tokenizer
     model = llm.model
     train = [i for i in load_eval_set("train")]
-    test = subset(load_eval_set("test", ["sentiment"]), 6 if quick else 30)
+    test = subset(load_eval_set("test", ["sentiment"]), 4 if quick else 30)
     options = [tok.encode(" positive", add_special_tokens=False), tok.encode(" negative", add_special_tokens=False)]
     rows = []
     for k in (16, 32):
@@ -303,9 +302,11 @@ def bench_fid(llm, quick: bool) -> dict:
             "prefix_cached": lambda q, prefix=prefix: prefix.score(q, options),
             "parallel_cached": lambda q, parallel=parallel: parallel.score(q, options),
         }
-        seconds = {name: per_query_seconds(fn, queries) for name, fn in scorers.items()}
         labels = [0 if i.answer == "positive" else 1 for i in test]
-        acc = {name: _rank_accuracy(fn, queries, labels) for name, fn in scorers.items()}
+        seconds, acc = {}, {}
+        for name, fn in scorers.items():
+            seconds[name], scores = per_query_seconds(fn, queries)
+            acc[name] = sum(int(x.argmin()) == y for x, y in zip(scores, labels, strict=True)) / len(labels)
         concat, prefixed, fid = seconds["concatenated"], seconds["prefix_cached"], seconds["parallel_cached"]
         row.update({"concatenated_s": concat, "prefix_cached_s": prefixed, "parallel_cached_s": fid,
                     "prefix_setup_s": prefix_setup, "parallel_setup_s": parallel_setup,
@@ -316,10 +317,6 @@ def bench_fid(llm, quick: bool) -> dict:
         rows.append(row)
     t5_rows = bench_fid_t5(quick)
     return {"decoder_only": rows, "encoder_decoder_random_t5": t5_rows, "target": ">= 5x"}
-
-
-def _rank_accuracy(score, queries, labels) -> float:
-    return sum(int(score(q).argmin()) == y for q, y in zip(queries, labels, strict=True)) / len(labels)
 
 
 def bench_fid_t5(quick: bool) -> list[dict]:
@@ -335,11 +332,11 @@ def bench_fid_t5(quick: bool) -> list[dict]:
     rows = []
     for k in (16, 32):
         demos = [torch.randint(2, 32000, (40,), generator=g).tolist() for _ in range(k)]
-        concat = per_query_seconds(lambda q, demos=demos: fid.score_concatenated(demos, q, options), queries)
+        concat, _ = per_query_seconds(lambda q, demos=demos: fid.score_concatenated(demos, q, options), queries)
         t0 = time.perf_counter()
         memory = fid.encode_demonstrations(demos)
         setup = time.perf_counter() - t0
-        fused = per_query_seconds(lambda q, memory=memory: fid.score(memory, q, options), queries)
+        fused, _ = per_query_seconds(lambda q, memory=memory: fid.score(memory, q, options), queries)
         rows.append({"demonstrations": k, "concatenated_s": concat, "fid_s": fused, "fid_setup_s": setup,
                      "speedup": concat / fused})
         print(f"  T5 (t5-small shape, random) {k} demos: concatenated {concat * 1000:.1f} ms/query, FiD "
