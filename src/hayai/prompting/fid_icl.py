@@ -180,8 +180,8 @@ class CachedDemonstrations:
         return torch.cat([demos, causal], dim=1)[None, None].expand(rows, 1, new, self.length + new)
 
     @torch.inference_mode()
-    def logits(self, rows: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Logits [B, W, V] for right-padded token rows that follow the demonstrations."""
+    def hidden(self, rows: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Final hidden states [B, W, hidden] of right-padded token rows that follow the demonstrations."""
         _check(rows, "rows")
         ids, _ = _pad(rows, 0)
         ids = ids.to(self.model.device)  # [B, W]
@@ -189,25 +189,29 @@ class CachedDemonstrations:
         cache = self.model.new_cache(b, self.length + w)
         cache.copy_prefix_from(self.cache, self.length)
         positions = (self.query_position + torch.arange(w, device=ids.device)).expand(b, w)  # [B, W]
-        return self.model(ids, positions=positions, cache=cache, mask=self._mask(b, w))
+        return self.model.hidden(ids, positions=positions, cache=cache, mask=self._mask(b, w))
 
     def score(self, query: Sequence[int], options: Sequence[Sequence[int]]) -> torch.Tensor:
         """Mean NLL of each option's tokens after the demonstrations and the query [n_options]."""
         _check([query], "the query")
         _check(options, "options")
-        return _option_nll(self.logits([list(query) + list(o) for o in options]), len(query), options)
+        hidden = self.hidden([list(query) + list(o) for o in options])
+        return _option_nll(self.model, hidden, len(query), options)
 
     def predict(self, query: Sequence[int], options: Sequence[Sequence[int]]) -> int:
         return int(self.score(query, options).argmin())
 
 
-def _option_nll(logits: torch.Tensor, query_len: int, options: Sequence[Sequence[int]]) -> torch.Tensor:
-    """Per-row mean NLL of the option tokens, which start at column `query_len` of each row. logits [B, W, V]."""
-    b, w, _ = logits.shape
-    targets = torch.full((b, w), -100, dtype=torch.long, device=logits.device)
+@torch.inference_mode()
+def _option_nll(model: CausalLM, hidden: torch.Tensor, query_len: int,
+                options: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Per-row mean NLL of the option tokens, which start at column `query_len` of each row. hidden [B, W, H]."""
+    span = max(len(o) for o in options)
+    # The token at column query_len + t is predicted at column query_len + t - 1: project only those columns.
+    logits = model.logits(hidden[:, query_len - 1:query_len - 1 + span])  # [B, span, V]
+    targets = torch.full(logits.shape[:2], -100, dtype=torch.long, device=logits.device)
     for r, option in enumerate(options):
-        # The token at column query_len + t is predicted by the logits one column earlier.
-        targets[r, query_len - 1:query_len - 1 + len(option)] = torch.tensor(list(option), device=logits.device)
+        targets[r, :len(option)] = torch.tensor(list(option), device=logits.device)
     return mean_nll(logits, targets)
 
 
@@ -219,5 +223,5 @@ def concatenated_scores(model: CausalLM, demos: Sequence[Sequence[int]], query: 
     _check(options, "options")
     prefix = [t for d in demos for t in d] + list(query)
     ids, _ = _pad([prefix + list(o) for o in options], 0)
-    logits = model(ids.to(model.device))  # [n, W, V]
-    return _option_nll(logits, len(prefix), options)
+    hidden = model.hidden(ids.to(model.device))  # [n, W, hidden]
+    return _option_nll(model, hidden, len(prefix), options)
