@@ -41,7 +41,7 @@ from torch import nn
 from hayai.errors import ConfigError
 from hayai.models.loading import ModelInfo, load_model
 from hayai.models.tokenizer import Tokenizer
-from hayai.runtime import configure_threads, resolve_device
+from hayai.runtime import configure_threads, current_rss_bytes, resolve_device
 from hayai.train.checkpointing import activation_checkpointing_removed, apply_activation_checkpointing
 from hayai.train.data import DataLoader, LoadedData, Record, prompt_text, read_jsonl, tokenize_records
 from hayai.train.export import save_model_directory
@@ -54,6 +54,7 @@ from hayai.train.memory import (
     estimate_memory,
     fmt_bytes,
     probe_activations,
+    release_freed_memory,
 )
 from hayai.train.optim import OptimizerUpdate, UpdateRule
 from hayai.train.precision import resolve_autocast
@@ -241,14 +242,17 @@ def plan_memory(trainer: Trainer, model: nn.Module, config: FinetuneConfig, rule
     blocks = list(model.model.layers)
     batch = _probe_batch(config.seq_len, model.config.vocab_size, config.packing)
     model.train()
+    current = current_rss_bytes() if device.type == "cpu" else torch.cuda.memory_allocated(device)
     probe = probe_activations(model, lambda: trainer.batch_loss(batch), blocks)
+    release_freed_memory()
     chunk = ChunkedCrossEntropy()._chunk(model.config.vocab_size) if config.chunked_loss else config.seq_len
     budget = config.memory_limit or default_budget(device)
 
     def estimate(checkpointing: bool) -> MemoryEstimate:
         return estimate_memory(model, probe, rule=rule, batch_size=config.batch_size, seq_len=config.seq_len,
                                checkpointing=checkpointing, vocab_size=model.config.vocab_size,
-                               chunk_tokens=chunk * (1 if config.chunked_loss else config.batch_size))
+                               chunk_tokens=chunk * (1 if config.chunked_loss else config.batch_size),
+                               current=current)
 
     if config.gradient_checkpointing is None:
         plan = estimate(False)
@@ -314,9 +318,9 @@ def exact_match(model: nn.Module, tokenizer: Tokenizer, records: Sequence[Record
         raise ConfigError("exact match needs chat or instruction records with answers")
     prompts = [tokenizer.encode(prompt_text(r, tokenizer), add_special_tokens=not tokenizer.has_chat_template)
                for r in records]
-    if max_new_tokens is None:
-        longest = max(len(tokenizer.encode(r.answer, add_special_tokens=False)) for r in records)
-        max_new_tokens = min(512, longest + 16)
+    # An answer more than a few tokens longer than the reference cannot match it: stop generating there.
+    limits = [max_new_tokens or min(512, len(tokenizer.encode(r.answer, add_special_tokens=False)) + 8)
+              for r in records]
     was_training = model.training
     model.eval()
     engine = Engine(AutocastLM(model, autocast_dtype) if autocast_dtype is not None else model, tokenizer)
@@ -330,7 +334,7 @@ def exact_match(model: nn.Module, tokenizer: Tokenizer, records: Sequence[Record
             groups.append([i])
     texts: dict[int, str] = {}
     for group in groups:
-        outputs = engine.generate_batch([prompts[i] for i in group], max_new_tokens=max_new_tokens)
+        outputs = engine.generate_batch([prompts[i] for i in group], max_new_tokens=max(limits[i] for i in group))
         texts.update({i: output.text for i, output in zip(group, outputs, strict=True)})
         if progress:
             progress(len(texts), len(records))

@@ -101,6 +101,18 @@ def probe_activations(model: nn.Module, run: Callable[[], torch.Tensor], blocks:
     return ActivationProbe(counter["tokens"], counter["bytes"], per_block, counter["block_input"])
 
 
+def release_freed_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc keeps them otherwise), so a probe's
+    temporary tensors do not stay in the process's resident memory."""
+    import contextlib
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def parameter_bytes(model: nn.Module) -> int:
     """Bytes of all parameters and buffers, each storage counted once."""
     seen: set[int] = set()
