@@ -159,3 +159,37 @@ def test_user_data(tmp_path):
     assert data.prompts[0].name == "summarise" and any("plain text" in n for n in data.notes)
     with pytest.raises(DataError, match="no such data file"):
         load_bench_data(tmp_path / "missing.jsonl")
+
+
+def test_steady_tokens_per_second_excludes_the_first_step():
+    from hayai.bench.finetune_suite import steady_tokens_per_second
+
+    # step 1 ends at t=3 s (slow: 300 tokens), steps 2 and 3 take 1 s each for 300 tokens
+    steps = [(3.0, 100.0), (4.0, 600 / 4), (5.0, 900 / 5)]
+    assert steady_tokens_per_second(0.0, steps) == pytest.approx(300.0)
+    assert steady_tokens_per_second(0.0, steps[:1]) == 100.0 and steady_tokens_per_second(0.0, []) is None
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_measure_finetune_in_process(checkpoint, tmp_path, method):
+    from hayai.bench.finetune_suite import FinetuneSettings, FinetuneTechnique, measure_finetune, to_result
+    from hayai.bench.finetune_suite import Measured as FinetuneMeasured
+    from hayai.bench.flops import training_step_flops
+    from hayai.models.config import ModelConfig
+
+    train, held_out = load_bench_data().write_finetune_files(tmp_path)
+    settings = FinetuneSettings(model=str(checkpoint), train_file=str(train), eval_file=str(held_out), steps=2,
+                                batch_size=2, seq_len=64, device="cpu", threads=1)
+    stages = []
+    raw = measure_finetune(FinetuneTechnique(method, "finetune", method), settings,
+                           progress=lambda *a: stages.append(a))
+    assert ("training", 2, 2) in stages and raw["steps"] == 2
+    assert raw["tokens_per_second"] > 0 and math.isfinite(raw["eval_loss"]) and raw["first_loss"] > 0
+    assert 0 < raw["train_peak_rss"] <= raw["process_peak_rss"]
+    assert (raw["trainable_parameters"] == raw["total_parameters"]) == (method == "full")
+    config = ModelConfig.from_file(checkpoint / "config.json")
+    r = to_result(FinetuneMeasured(FinetuneTechnique(method, "finetune", method), raw), settings, {"config": config})
+    assert r.quality == pytest.approx(math.exp(raw["eval_loss"]))
+    if method == "full":
+        fwd, bwd = training_step_flops(config, 64, train="all")
+        assert r.metrics["flops_per_token"] == pytest.approx((fwd.total + bwd.total) / 64)

@@ -1,14 +1,15 @@
 """The finetune suite: every fine-tuning method of `hayai.finetune` for a few steps on the user's data.
 
-Each method runs `hayai.finetune` in a fresh process (`hayai.bench.memory.run_isolated`) with the same data,
+Each method runs the steps of `hayai.finetune` (its config, model preparation, update rule, memory plan and
+trainer; nothing is written to disk) in a fresh process (`hayai.bench.memory.run_isolated`) with the same data,
 batch, sequence length, step count and a constant learning rate (the method's default peak rate; warm-up and
 decay would make a few-step comparison depend on the schedule). The baseline is plain full fine-tuning with
 AdamW. Measured per method:
 
 - tokens/s over the steps after the first (the first pays one-time costs), from the trainer's log;
 - peak RSS of the training phase (CUDA peak on GPUs): the high-water mark is reset when training starts, after
-  loading, quantizing and the memory probe, and read when it ends, so QLoRA's quantization transient does not
-  hide what training needs; the whole process's peak is kept in the details;
+  loading, quantizing and the memory probe, and read when it ends (after the final evaluation), so QLoRA's
+  quantization transient does not hide what training needs; the whole process's peak is in the details;
 - quality: perplexity exp(eval loss) on the held-out records after the steps (lower is better), and the exact
   match of greedy answers when asked for;
 - estimated FLOPs per token (`hayai.bench.flops`: backward skips frozen weights' gradients, activation
@@ -21,13 +22,10 @@ method `hayai.finetuning.METHODS` lists.
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from hayai.bench.report import Detail, TechniqueResult
@@ -49,7 +47,6 @@ class FinetuneSettings:
     model: str
     train_file: str
     eval_file: str
-    workdir: str
     steps: int = 20
     batch_size: int = 4
     seq_len: int = 256
@@ -97,97 +94,109 @@ def technique_keys(methods: tuple[str, ...]) -> tuple[str, ...]:
 
 
 # ---- in the child process ----------------------------------------------------------------------------------------
-class _Phase:
-    """The finetune callback: resets the memory high-water mark and starts the energy meter when training starts,
-    reads both when it ends, and forwards step progress."""
+class _StepClock:
+    """Trainer callback: forwards progress and records when each step ended."""
 
-    def __init__(self, report: Callable[..., None], device: str) -> None:
+    def __init__(self, report: Callable[..., None]) -> None:
         self.report = report
-        self.device = device
-        self.probe = None
-        self.meter = None
-        self.peak = None
-        self.exact = False
-        self.cuda_peak = None
+        self.steps: list[tuple[float, float]] = []  # (perf_counter at the step's end, cumulative tokens/s)
 
     def __call__(self, event: Any) -> None:
-        from hayai.bench.energy import EnergyMeter
-        from hayai.bench.memory import PeakRSS, release_memory
-
-        if event.kind == "stage" and event.message == "training" and self.probe is None:
-            release_memory()
-            self._reset_cuda()
-            self.probe = PeakRSS()
-            self.meter = EnergyMeter().__enter__()
-        elif event.kind == "stage":
-            self.report(event.message, 0, 1)
-        elif event.kind == "step":
+        if event.kind == "step":
+            self.steps.append((time.perf_counter(), event.tokens_per_second or 0.0))
             self.report("training", event.step, event.total_steps)
-        elif event.kind == "done" and self.probe is not None:
-            self.peak, self.exact = self.probe.peak(), self.probe.exact
-            self.meter.__exit__(None, None, None)
-            self.cuda_peak = self._cuda_peak()
-
-    def _reset_cuda(self) -> None:
-        import torch
-
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            torch.cuda.reset_peak_memory_stats()
-
-    def _cuda_peak(self) -> int | None:
-        import torch
-
-        return int(torch.cuda.max_memory_allocated()) if torch.cuda.is_initialized() else None
 
 
-def _steady_tokens_per_second(log: Path) -> float | None:
-    """Tokens/s over steps 2..N from the trainer's log (cumulative tokens/s × elapsed gives tokens so far)."""
-    rows = []
-    if log.is_file():
-        for line in log.read_text(encoding="utf-8").splitlines():
-            row = json.loads(line)
-            if "tokens_per_second" in row and "elapsed_seconds" in row:
-                rows.append(row)
-    if len(rows) < 2:
-        return rows[0]["tokens_per_second"] if rows else None
-    tokens = [r["tokens_per_second"] * r["elapsed_seconds"] for r in rows]
-    seconds = rows[-1]["elapsed_seconds"] - rows[0]["elapsed_seconds"]
+def steady_tokens_per_second(started: float, steps: list[tuple[float, float]]) -> float | None:
+    """Tokens/s over steps 2..N: the trainer reports cumulative tokens/s, so tokens so far = rate × elapsed."""
+    if not steps:
+        return None
+    tokens = [rate * (at - started) for at, rate in steps]
+    if len(steps) < 2:
+        return steps[0][1]
+    seconds = steps[-1][0] - steps[0][0]
     return (tokens[-1] - tokens[0]) / seconds if seconds > 0 else None
 
 
 def measure_finetune(technique: FinetuneTechnique, settings: FinetuneSettings,
                      progress: Callable[..., None] | None = None) -> dict[str, Any]:
-    """Run `hayai.finetune` for one method (in a fresh process); returns plain measurements."""
-    from hayai.bench.memory import peak_rss_bytes
-    from hayai.finetuning import DEFAULT_LR, finetune
+    """Train one method for `settings.steps` steps (in a fresh process); returns plain measurements.
+
+    The steps are those of `hayai.finetune` (same config, model preparation, update rule, memory plan and
+    trainer), without writing the adapter or model to disk, which is not what is being measured."""
+    import torch
+
+    from hayai.bench.energy import EnergyMeter
+    from hayai.bench.memory import PeakRSS, peak_rss_bytes, release_memory
+    from hayai.finetuning import (
+        FinetuneConfig,
+        build_update_rule,
+        exact_match,
+        plan_memory,
+        prepare_model,
+        resolve_autocast,
+    )
+    from hayai.models.loading import load_model
+    from hayai.peft import trainable_parameters_summary
+    from hayai.runtime import configure_threads, resolve_device
+    from hayai.train.data import DataLoader, read_jsonl, tokenize_records
+    from hayai.train.loss import ChunkedCrossEntropy
+    from hayai.train.schedule import LRSchedule
+    from hayai.train.trainer import Trainer
 
     report = progress or (lambda *args: None)
-    phase = _Phase(report, settings.device)
-    output = Path(settings.workdir) / "".join(c if c.isalnum() else "-" for c in technique.name)
-    options = dict(technique.options)
+    config = FinetuneConfig(method=technique.method, max_steps=settings.steps, batch_size=settings.batch_size,
+                            seq_len=settings.seq_len, schedule="constant", warmup=0, device=settings.device,
+                            threads=settings.threads, **dict(technique.options))
+    configure_threads(config.threads)
+    device = resolve_device(config.device)
+    autocast = resolve_autocast(config.autocast, device)
     started = time.perf_counter()
-    try:
-        result = finetune(settings.model, settings.train_file, output=output, eval_data=settings.eval_file,
-                          callback=phase, method=technique.method, max_steps=settings.steps,
-                          batch_size=settings.batch_size, seq_len=settings.seq_len, schedule="constant", warmup=0,
-                          lr=DEFAULT_LR.get(technique.method), eval_every=0, save_every=0, overwrite=True,
-                          exact_match=settings.exact_match, device=settings.device, threads=settings.threads,
-                          **options)
-        steady = _steady_tokens_per_second(output / "training_log.jsonl")
-    finally:
-        shutil.rmtree(output, ignore_errors=True)
-    estimate = result.memory_estimate
+    report("loading", 0, 1)
+    net, tokenizer, _ = load_model(settings.model, dtype=torch.float32, device=device)
+    torch.manual_seed(config.seed)
+    rule = prepare_model(net, config, autocast)
+    pad = tokenizer.pad_token_id
+
+    def loader(path: str, shuffle: bool) -> DataLoader:
+        examples = tokenize_records(read_jsonl(path).records, tokenizer, config.seq_len).examples
+        return DataLoader(examples, batch_size=config.batch_size, seq_len=config.seq_len, pad_id=pad,
+                          packing=config.packing, seed=config.seed, shuffle=shuffle)
+
+    clock = _StepClock(report)
+    trainer = Trainer(net, loader(settings.train_file, True), build_update_rule(rule, net, config),
+                      LRSchedule(config.learning_rate, settings.steps, 0, "constant", 0.0),
+                      max_steps=settings.steps, loss=ChunkedCrossEntropy(), autocast_dtype=autocast,
+                      eval_loader=loader(settings.eval_file, False), callback=clock)
+    report("memory plan", 0, 1)
+    plan = plan_memory(trainer, net, config, rule, device)
+    setup = {"setup_seconds": time.perf_counter() - started, "setup_peak_rss": peak_rss_bytes()}
+    release_memory()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    probe = PeakRSS()
+    meter = EnergyMeter()
+    with meter:
+        begun = time.perf_counter()
+        result = trainer.train()
+    train_peak = probe.peak()
+    cuda_peak = int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
+    matched = None
+    if settings.exact_match:
+        report("exact match", 0, 1)
+        records = read_jsonl(settings.eval_file).records
+        matched = exact_match(net, tokenizer, records, autocast_dtype=autocast).accuracy
+    summary = trainable_parameters_summary(net)
     return {
-        "tokens_per_second": steady or result.tokens_per_second, "overall_tokens_per_second": result.tokens_per_second,
-        "steps": result.steps, "first_loss": result.losses[0] if result.losses else None,
+        **setup, "tokens_per_second": steady_tokens_per_second(begun, clock.steps) or result.tokens_per_second,
+        "overall_tokens_per_second": result.tokens_per_second, "steps": result.steps,
+        "first_loss": result.losses[0] if result.losses else None,
         "last_loss": result.losses[-1] if result.losses else None,
         "eval_loss": result.eval_losses[-1][1] if result.eval_losses else None,
-        "train_peak_rss": phase.peak, "train_peak_exact": phase.exact, "cuda_peak_bytes": phase.cuda_peak,
-        "process_peak_rss": peak_rss_bytes(), "energy": phase.meter.reading.as_dict() if phase.meter else None,
-        "trainable_parameters": result.trainable_parameters, "total_parameters": result.total_parameters,
-        "estimated_peak": estimate.total if estimate else None,
-        "checkpointing": bool(estimate.checkpointing) if estimate else None,
-        "exact_match": result.exact_match_after.accuracy if result.exact_match_after else None,
+        "train_peak_rss": train_peak, "train_peak_exact": probe.exact, "cuda_peak_bytes": cuda_peak,
+        "process_peak_rss": peak_rss_bytes(), "energy": meter.reading.as_dict(),
+        "trainable_parameters": summary.trainable, "total_parameters": summary.total,
+        "estimated_peak": plan.total, "checkpointing": bool(plan.checkpointing), "exact_match": matched,
         "seconds": time.perf_counter() - started,
     }
 

@@ -20,9 +20,10 @@ single-token passes), a weight format is not.
 Techniques (each reported ok, failed with its error, or skipped with the reason):
   weights   fp32 / bf16 (whichever is not the baseline's dtype), int8, int4 (`hayai.quant`, embeddings too),
             nf4 (QLoRA's storage format; dequantizes per forward, so slow to decode)
-  decoding  prompt lookup (`hayai.decode.prompt_lookup`), self-speculative early exit at half depth and with an
-            int4 copy of the model as draft (`hayai.decode.self_speculative`), a draft model (`--draft-model`),
-            compiled decode (`hayai.decode.compiled`, not in --quick: compiling takes tens of seconds)
+  decoding  prompt lookup (`hayai.decode.prompt_lookup`), Jacobi guesses (`hayai.decode.jacobi`), lookahead
+            decoding (`hayai.decode.lookahead`), self-speculative early exit at half depth and with an int4 copy
+            of the model as draft (`hayai.decode.self_speculative`), a draft model (`--draft-model`), compiled
+            decode (`hayai.decode.compiled`, not in --quick: compiling takes tens of seconds)
   combination  the fastest weight format within the quality tolerance with the fastest lossless decoding
             strategy, both chosen from this run's measurements.
 """
@@ -40,7 +41,7 @@ from hayai.errors import ConfigError
 from hayai.train.data import Record
 
 WEIGHT_FORMATS = ("fp32", "bf16", "int8", "int4", "nf4")
-DECODINGS = ("autoregressive", "lookup", "early-exit", "self-int4", "draft", "compiled")
+DECODINGS = ("autoregressive", "lookup", "jacobi", "lookahead", "early-exit", "self-int4", "draft", "compiled")
 DESCRIPTIONS = {
     "fp32": "fp32 weights and activations",
     "bf16": "bf16 weights and activations",
@@ -48,6 +49,8 @@ DESCRIPTIONS = {
     "int4": "int4 weight-only, groups of 64 (hayai.quant.int4), embeddings too",
     "nf4": "NF4 with double quantization (QLoRA's format; dequantized per forward)",
     "lookup": "prompt lookup decoding: drafts copied from the prompt, verified in one pass",
+    "jacobi": "Jacobi decoding: the target's own refined guesses of the next tokens, verified in one pass",
+    "lookahead": "lookahead decoding: Jacobi window + n-gram pool (seeded from the prompt), one pass per step",
     "early-exit": "self-speculative: the first half of the layers drafts, the full model verifies",
     "self-int4": "self-speculative: an int4 copy of the model drafts, the full model verifies",
     "draft": "speculative decoding with a separate draft model",
@@ -119,6 +122,10 @@ def build_strategy(decoding: str, model: Any, tokenizer: Any, settings: Generate
         from hayai.decode.compiled import CompiledLM
 
         return None, CompiledLM(model)
+    if decoding == "lookahead":
+        from hayai.decode.lookahead import LookaheadDecoding
+
+        return LookaheadDecoding(), model
     from hayai.decode.speculative import SpeculativeDecoding
 
     stop = tokenizer.eos_token_ids
@@ -126,6 +133,10 @@ def build_strategy(decoding: str, model: Any, tokenizer: Any, settings: Generate
         from hayai.decode.prompt_lookup import PromptLookup
 
         return SpeculativeDecoding(PromptLookup(stop_token_ids=stop)), model
+    if decoding == "jacobi":
+        from hayai.decode.jacobi import Jacobi
+
+        return SpeculativeDecoding(Jacobi(stop_token_ids=stop)), model
     if decoding in ("early-exit", "self-int4"):
         from hayai.decode.self_speculative import EarlyExit
 
@@ -231,7 +242,8 @@ def measure_generate(technique: GenerateTechnique, settings: GenerateSettings,
 
 # ---- in the parent: the technique list and the results -----------------------------------------------------------
 KEYS = (*WEIGHT_FORMATS, *DECODINGS[1:])
-NAMES = {"lookup": "prompt lookup", "early-exit": "self-speculative (early exit)",
+NAMES = {"lookup": "prompt lookup", "jacobi": "Jacobi decoding", "lookahead": "lookahead decoding",
+         "early-exit": "self-speculative (early exit)",
          "self-int4": "self-speculative (int4 draft)", "draft": "draft model", "compiled": "compiled decode"}
 
 

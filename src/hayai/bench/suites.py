@@ -201,7 +201,7 @@ def _finetune(run: _Run, model_dir: str, data: BenchData, workdir: Path) -> Suit
     o, size = run.options, run.options.size
     train, held_out = data.write_finetune_files(workdir / "data")
     settings = finetune_suite.FinetuneSettings(
-        model=model_dir, train_file=str(train), eval_file=str(held_out), workdir=str(workdir / "runs"),
+        model=model_dir, train_file=str(train), eval_file=str(held_out),
         steps=size.steps, batch_size=size.batch_size, seq_len=size.seq_len, device=o.device, threads=o.threads,
         exact_match=o.exact_match)
     device = resolve_device(o.device)
