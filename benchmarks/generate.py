@@ -6,7 +6,8 @@ For each prompt of benchmarks/prompts.py (chat-formatted), both systems decode g
 --new-tokens tokens (end-of-sequence ignored, so both do the same amount of work). Decode tokens/s counts the
 tokens after the first over the time from the first token to the last; prefill is reported apart. The weights
 are the default model's, loaded by hayai from its store and by transformers from the same directory (a hayai
-store entry is a valid HF checkpoint). Prints the table, the ratio, the hardware, and writes
+store entry is a valid HF checkpoint). hayai's achieved weight bandwidth is also given as a fraction of the
+measured read-bandwidth limit (`hayai.bench.bandwidth`). Prints the table, the ratio, the hardware, and writes
 benchmarks/results/generate.json and generate.png.
 """
 
@@ -22,12 +23,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from prompts import prompts as benchmark_prompts  # noqa: E402
+from prompts import prompts as benchmark_prompts
 
-import hayai  # noqa: E402
-from hayai.bench.hardware import describe, one_line  # noqa: E402
-from hayai.models.llama import weight_bytes_read_per_token  # noqa: E402
-from hayai.runtime import configure_threads  # noqa: E402
+import hayai
+from hayai.bench.bandwidth import achieved_fraction, measure_read_bandwidth
+from hayai.bench.hardware import describe, one_line
+from hayai.models.llama import weight_bytes_read_per_token
+from hayai.runtime import configure_threads
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -141,15 +143,21 @@ def main() -> None:
     configure_threads()
     info = describe()
     print(f"hardware: {one_line(info)}")
+    limit = measure_read_bandwidth()  # what reading weights from memory allows (hayai.bench.bandwidth)
+    print(f"read bandwidth limit: {limit.summary()}")
     print(f"{len(prompt_set)} prompts, greedy, {new_tokens} new tokens, batch 1")
     results = [bench_dtype(d, new_tokens, prompt_set) for d in args.dtypes.split(",")]
+    for r in results:
+        r["hayai_bandwidth_fraction"] = achieved_fraction(r["hayai_bandwidth_gbs"] * 1e9, limit)
     print()
-    print(f"{'dtype':<6} {'hayai tok/s':>12} {'HF tok/s':>10} {'ratio':>7} {'hayai GB/s':>11} {'identical':>10}")
+    print(f"{'dtype':<6} {'hayai tok/s':>12} {'HF tok/s':>10} {'ratio':>7} {'hayai GB/s':>11} {'of limit':>9} "
+          f"{'identical':>10}")
     for r in results:
         print(f"{r['dtype']:<6} {r['hayai_decode_tps']:12.1f} {r['hf_decode_tps']:10.1f} {r['ratio']:6.2f}x "
-              f"{r['hayai_bandwidth_gbs']:11.1f} {r['identical_outputs']:>6}/{len(r['rows'])}")
+              f"{r['hayai_bandwidth_gbs']:11.1f} {r['hayai_bandwidth_fraction']:9.0%} "
+              f"{r['identical_outputs']:>6}/{len(r['rows'])}")
     RESULTS.mkdir(exist_ok=True)
-    out = {"hardware": info, "new_tokens": new_tokens, "results": results,
+    out = {"hardware": info, "read_bandwidth_limit": limit.as_dict(), "new_tokens": new_tokens, "results": results,
            "command": "python benchmarks/generate.py " + " ".join(sys.argv[1:])}
     (RESULTS / "generate.json").write_text(json.dumps(out, indent=2) + "\n")
     plot(results, RESULTS / "generate.png")
