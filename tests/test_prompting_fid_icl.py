@@ -11,7 +11,7 @@ from tinymodels import VOCAB, hf_llama, native_from
 from transformers.modeling_outputs import BaseModelOutput
 
 from hayai.errors import ConfigError
-from hayai.prompting.fid_icl import CachedDemonstrations, FiDICL, concatenated_scores
+from hayai.prompting.fid_icl import CachedDemonstrations, FiDICL, concatenated_scores, concatenated_scores_many
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +125,7 @@ def test_empty_inputs_are_rejected(llama, t5):
         CachedDemonstrations(llama[1], [[1, 2], []])
     with pytest.raises(ConfigError):
         FiDICL(t5).encode_demonstrations([])
-    with pytest.raises(ConfigError, match="query"):
+    with pytest.raises(ConfigError, match="queries"):
         CachedDemonstrations(llama[1], [[1, 2]]).score([], [[3]])
 
 
@@ -137,3 +137,18 @@ def test_one_cached_concatenated_prefix_equals_concatenation_icl(llama):
     query, options = [1, 2, 3], [[4], [5, 6]]
     prefix = CachedDemonstrations(model, [[t for d in demos for t in d]])
     assert torch.allclose(prefix.score(query, options), concatenated_scores(model, demos, query, options), atol=1e-5)
+
+
+def test_many_queries_in_one_pass_equal_one_at_a_time(llama):
+    _, model = llama
+    g = torch.Generator().manual_seed(4)
+    demos = [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (6, 3, 8)]
+    queries = [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (2, 7, 4)]
+    options = [[5], [6, 7, 8], [9, 10]]
+    cached = CachedDemonstrations(model, demos)
+    together = cached.score_many(queries, options)  # [3, 3]
+    alone = torch.stack([cached.score(q, options) for q in queries])
+    assert torch.allclose(together, alone, atol=1e-5)
+    concat = concatenated_scores_many(model, demos, queries, options)
+    assert torch.allclose(concat, torch.stack([concatenated_scores(model, demos, q, options) for q in queries]),
+                          atol=1e-5)

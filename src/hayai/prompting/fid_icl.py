@@ -193,22 +193,31 @@ class CachedDemonstrations:
 
     def score(self, query: Sequence[int], options: Sequence[Sequence[int]]) -> torch.Tensor:
         """Mean NLL of each option's tokens after the demonstrations and the query [n_options]."""
-        _check([query], "the query")
+        return self.score_many([query], options)[0]
+
+    def score_many(self, queries: Sequence[Sequence[int]], options: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Several queries in one forward pass (rows = queries x options): [n_queries, n_options]."""
+        _check(queries, "the queries")
         _check(options, "options")
-        hidden = self.hidden([list(query) + list(o) for o in options])
-        return _option_nll(self.model, hidden, len(query), options)
+        rows = [list(q) + list(o) for q in queries for o in options]
+        starts = [len(q) for q in queries for _ in options]
+        nll = _option_nll(self.model, self.hidden(rows), starts, list(options) * len(queries))
+        return nll.view(len(queries), len(options))
 
     def predict(self, query: Sequence[int], options: Sequence[Sequence[int]]) -> int:
         return int(self.score(query, options).argmin())
 
 
 @torch.inference_mode()
-def _option_nll(model: CausalLM, hidden: torch.Tensor, query_len: int,
+def _option_nll(model: CausalLM, hidden: torch.Tensor, starts: Sequence[int],
                 options: Sequence[Sequence[int]]) -> torch.Tensor:
-    """Per-row mean NLL of the option tokens, which start at column `query_len` of each row. hidden [B, W, H]."""
+    """Per-row mean NLL of row r's option tokens, which start at column starts[r]. hidden [B, W, H]."""
     span = max(len(o) for o in options)
-    # The token at column query_len + t is predicted at column query_len + t - 1: project only those columns.
-    logits = model.logits(hidden[:, query_len - 1:query_len - 1 + span])  # [B, span, V]
+    # The token at column s + t is predicted at column s + t - 1: project only those columns.
+    columns = torch.tensor(starts, device=hidden.device)[:, None] - 1 + torch.arange(span, device=hidden.device)
+    columns = columns.clamp(max=hidden.shape[1] - 1)  # [B, span] (past a row's end: padding, ignored below)
+    picked = hidden.gather(1, columns[..., None].expand(-1, -1, hidden.shape[2]))  # [B, span, H]
+    logits = model.logits(picked)  # [B, span, V]
     targets = torch.full(logits.shape[:2], -100, dtype=torch.long, device=logits.device)
     for r, option in enumerate(options):
         targets[r, :len(option)] = torch.tensor(list(option), device=logits.device)
@@ -219,9 +228,18 @@ def _option_nll(model: CausalLM, hidden: torch.Tensor, query_len: int,
 def concatenated_scores(model: CausalLM, demos: Sequence[Sequence[int]], query: Sequence[int],
                         options: Sequence[Sequence[int]]) -> torch.Tensor:
     """The baseline: concatenation ICL, [d_1; ...; d_k; q; y] through the model for each option [n_options]."""
-    _check([query], "the query")
+    return concatenated_scores_many(model, demos, [query], options)[0]
+
+
+@torch.inference_mode()
+def concatenated_scores_many(model: CausalLM, demos: Sequence[Sequence[int]], queries: Sequence[Sequence[int]],
+                             options: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Concatenation ICL for several queries in one forward pass: [n_queries, n_options]."""
+    _check(queries, "the queries")
     _check(options, "options")
-    prefix = [t for d in demos for t in d] + list(query)
-    ids, _ = _pad([prefix + list(o) for o in options], 0)
-    hidden = model.hidden(ids.to(model.device))  # [n, W, hidden]
-    return _option_nll(model, hidden, len(prefix), options)
+    demo_tokens = [t for d in demos for t in d]
+    rows = [demo_tokens + list(q) + list(o) for q in queries for o in options]
+    starts = [len(demo_tokens) + len(q) for q in queries for _ in options]
+    ids, _ = _pad(rows, 0)
+    hidden = model.hidden(ids.to(model.device))  # [B, W, hidden]
+    return _option_nll(model, hidden, starts, list(options) * len(queries)).view(len(queries), len(options))
