@@ -37,7 +37,7 @@ def test_batch_prints_one_json_line_per_question(tiny, tmp_path):
 
 def test_sot_answers_and_reports(tiny):
     result = run("sot", "What are some tips for better sleep?", "-m", tiny, "--dtype", "fp32", "--point-tokens",
-                 "6", "--max-points", "3")
+                 "4", "--max-points", "3", "--skeleton-tokens", "24")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
     assert "SoT:" in result.stderr or "without SoT" in result.stderr

@@ -87,6 +87,7 @@ def sot(
                                                         "classifier (sentence-embedding classifier)."),
     max_points: int = typer.Option(10, "--max-points", help="Expand at most this many skeleton points."),
     point_tokens: int = typer.Option(64, "--point-tokens", help="Maximum new tokens per point."),
+    skeleton_tokens: int = typer.Option(96, "--skeleton-tokens", help="Maximum new tokens for the skeleton."),
     show_skeleton: bool = typer.Option(False, "--show-skeleton", help="Print the skeleton to stderr first."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No timing report on stderr."),
     model: str = ModelOption,
@@ -107,6 +108,7 @@ def sot(
     backend = _backend(model, dtype, device, threads, openai_url, openai_model, prices)
     chosen = {"none": None, "prompt": lambda: PromptRouter(backend), "classifier": EmbeddingRouter.default}[router]
     engine = SkeletonOfThought(backend, router=chosen() if chosen else None, max_points=max_points,
+                               skeleton_params=GenParams(max_tokens=skeleton_tokens, stop=("\n\n",)),
                                point_params=GenParams(max_tokens=point_tokens, stop=("\n\n",)))
     answer = engine(question)
     if show_skeleton and answer.points:
