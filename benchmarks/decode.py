@@ -9,10 +9,11 @@ input-grounded (summarise, extract, edit code, rewrite) and open-ended ones, cha
 greedily for exactly --new-tokens tokens (end-of-sequence ignored, so every system does the same work).
 
 Modes: weights fp32 / bf16 / int8 (per channel) / int4 (group 64, bf16 activations), each eager and compiled
-(`hayai.decode.compiled`), each with plain decoding and every speculative strategy (`hayai.decode.strategies`;
-"self-int4" drafts with an int4 copy of the whole model, "early-exit" with the first half of the layers,
-"draft" with --draft MODEL). Anchors: HF transformers `generate` in fp32 on the same weights, and
-llama-cpp-python (when installed: `pip install llama-cpp-python`) on the GGUF the default model comes from.
+(`hayai.decode.compiled`, with q/k/v and gate/up fused: `hayai.decode.fused`), each with plain decoding and
+every speculative strategy (`hayai.decode.strategies`; "self-int4" drafts with an int4 copy of the whole
+model, "early-exit" with the first half of the layers, "draft" with --draft MODEL). Anchors: HF transformers
+`generate` in fp32 on the same weights, and llama-cpp-python (when installed: `pip install llama-cpp-python`)
+on the GGUF the default model comes from.
 
 Printed and saved (benchmarks/results/decode.json and decode.png) per mode: decode tokens/s on the grounded
 and open sets, the ratio to HF fp32 and to llama.cpp, tokens per target forward pass, the fraction of drafted
@@ -40,7 +41,7 @@ from prompts import prompts as benchmark_prompts
 
 import hayai
 from hayai.bench.hardware import describe, one_line
-from hayai.decode.compiled import CompiledLM
+from hayai.decode.compiled import CompiledLM, compile_decode
 from hayai.decode.engine import Engine
 from hayai.decode.strategies import SpeculateOptions, build_strategy
 from hayai.models.llama import weight_bytes_read_per_token
@@ -190,8 +191,9 @@ def run_mode(engine: Engine, mode: ModeResult, prompt_set: list[dict], ids_list:
 
 
 def compile_model(model, engine_args, ids: list[int]) -> tuple[CompiledLM, float]:
-    """The compiled wrapper and the seconds its two graphs (1-token step, verification pass) took to build."""
-    compiled = CompiledLM(model)
+    """The compiled wrapper (projections fused) and the seconds its two graphs (1-token step, verification pass)
+    took to build."""
+    compiled = compile_decode(model)
     engine = Engine(compiled, *engine_args)
     t = time.perf_counter()
     engine.generate(ids, max_new_tokens=3, stop_token_ids=set())
@@ -356,7 +358,7 @@ def main() -> None:
                                   weight_bytes_per_token=bytes_per_token)
                 draft = draft_model
                 if draft is not None and compiled:
-                    draft = CompiledLM(draft_model)
+                    draft = compile_decode(draft_model)
                 run_mode(engine, mode, prompt_set, ids_list, new_tokens,
                          None if strategy == "plain" else plain_tokens, draft)
                 results.append(mode)
