@@ -119,8 +119,8 @@ def load(name_or_path: str | None = None, *, dtype: str | torch.dtype = "auto", 
     `adapter` is a PEFT-format adapter directory (LoRA or (IA)³, e.g. from `hayai finetune`) applied on top.
     `quant` ("int8" or "int4", groups of `group_size`) quantizes the weights after loading (`hayai quantize`
     stores a quantized copy instead); the packed kernels are fast with bf16 activations.
-    `compile` runs decode steps through `torch.compile` (`hayai.decode.compiled`; the first call compiles).
-    """
+    `compile` fuses q/k/v and gate/up (inference only) and runs decode steps through `torch.compile`
+    (`hayai.decode.compiled`; the first call compiles)."""
     configure_threads(threads)
     target = resolve_device(device)
     model, tokenizer, info = load_model(name_or_path, dtype=resolve_dtype(dtype, target), device=target,
