@@ -13,7 +13,11 @@ back for --duration seconds; requests in flight when the time is up are finished
 Targets (issue 7): aggregate tokens/s at 8 clients >= 3x one client's; zero errors below the queue bound; ahead
 of llama.cpp's server at 8 clients. The llama.cpp side runs when `llama_cpp.server` is importable by
 --llama-python (default: this Python; pip install 'llama-cpp-python[server]', which compiles llama.cpp), on the
-default model's original GGUF (the file hayai converted), with as many threads as there are CPUs. Writes
+default model's original GGUF (the file hayai converted), with one thread per physical core (as hayai). That
+server streams no usage counts, so its tokens are counted as content chunks (one token each), and it runs with
+--interrupt_requests False (by default a new request cuts off the one being generated). llama-cpp-python has no
+wheels on PyPI: `pip install 'llama-cpp-python[server]'` compiles llama.cpp (about 30 minutes on 2 busy cores);
+a separate venv keeps it out of hayai's environment. Writes
 benchmarks/results/serve.json and serve.png.
 """
 
@@ -22,7 +26,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import socket
 import statistics
 import subprocess
@@ -35,6 +38,7 @@ from pathlib import Path
 import httpx
 
 from hayai.bench.hardware import describe, one_line
+from hayai.runtime import physical_core_count
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROMPTS = [
@@ -57,6 +61,8 @@ class Level:
     tokens: int = 0
     requests: int = 0
     errors: int = 0
+    empty: int = 0  # answers without any content (a server that cut the request off, or an immediate EOS)
+    counted_from_chunks: int = 0  # requests whose tokens were counted as content chunks (no usage sent)
     error_examples: list[str] = field(default_factory=list)
     wall: float = 0.0
 
@@ -67,8 +73,9 @@ class Level:
             ordered = sorted(values)
             return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
-        return {"clients": self.clients, "requests": self.requests, "errors": self.errors,
-                "error_examples": self.error_examples[:3], "completion_tokens": self.tokens, "wall_s": self.wall,
+        return {"clients": self.clients, "requests": self.requests, "errors": self.errors, "empty_answers": self.empty,
+                "error_examples": self.error_examples[:3], "completion_tokens": self.tokens,
+                "requests_counted_from_chunks": self.counted_from_chunks, "wall_s": self.wall,
                 "aggregate_tps": self.tokens / self.wall if self.wall else 0.0,
                 "ttft_p50_s": pct(self.ttft, 0.5), "ttft_p95_s": pct(self.ttft, 0.95),
                 "itl_p50_s": pct(self.itl, 0.5), "itl_p95_s": pct(self.itl, 0.95),
@@ -132,9 +139,10 @@ def has_llama_cpp_server(python: str) -> bool:
 
 def start_llama_cpp(python: str, gguf: Path, n_ctx: int, logs: Path) -> ServerProcess:
     port = free_port()
+    # --interrupt_requests False: by default a new request cuts off the one being generated; here they queue.
     command = [python, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
-               "--port", str(port), "--n_ctx", str(n_ctx), "--n_threads", str(os.cpu_count() or 1),
-               "--model_alias", "gguf"]
+               "--port", str(port), "--n_ctx", str(n_ctx), "--n_threads", str(physical_core_count()),
+               "--model_alias", "gguf", "--interrupt_requests", "False"]
     return ServerProcess("llama.cpp", command, port, "/v1/models", logs / "llama-cpp-serve.log")
 
 
@@ -142,7 +150,8 @@ def start_llama_cpp(python: str, gguf: Path, n_ctx: int, logs: Path) -> ServerPr
 async def one_request(client, model: str, prompt: str, max_tokens: int, level: Level) -> None:
     sent = time.perf_counter()
     last = None
-    tokens = 0
+    tokens = None  # from the usage chunk when the server sends one
+    chunks = 0
     stream = await client.chat.completions.create(
         model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0,
         stream=True, stream_options={"include_usage": True})
@@ -150,12 +159,18 @@ async def one_request(client, model: str, prompt: str, max_tokens: int, level: L
         if chunk.usage:
             tokens = chunk.usage.completion_tokens
         if chunk.choices and chunk.choices[0].delta.content:
+            chunks += 1
             now = time.perf_counter()
             if last is None:
                 level.ttft.append(now - sent)
             else:
                 level.itl.append(now - last)
             last = now
+    if chunks == 0:
+        level.empty += 1
+    if tokens is None:  # llama-cpp-python ignores stream_options.include_usage: it streams one token per chunk
+        tokens = chunks
+        level.counted_from_chunks += 1
     level.tokens += tokens
     level.requests += 1
 
@@ -185,8 +200,16 @@ async def run_level(server: ServerProcess, clients: int, duration: float, max_to
     return level
 
 
+async def warm_up(server: ServerProcess) -> None:
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=600)
+    await one_request(client, server.model, PROMPTS[0], 8, Level(1))
+    await client.close()
+
+
 def bench_server(server: ServerProcess, client_counts: list[int], duration: float, max_tokens: int) -> list[dict]:
-    asyncio.run(run_level(server, 1, 0, 8))  # warm-up: one short request
+    asyncio.run(warm_up(server))
     rows = []
     for n in client_counts:
         summary = asyncio.run(run_level(server, n, duration, max_tokens)).summary()
@@ -194,7 +217,8 @@ def bench_server(server: ServerProcess, client_counts: list[int], duration: floa
         print(f"  {server.name:<10} {n:>3} clients  {summary['aggregate_tps']:8.1f} tok/s  "
               f"TTFT p50 {_ms(summary['ttft_p50_s'])} p95 {_ms(summary['ttft_p95_s'])}  "
               f"ITL p50 {_ms(summary['itl_p50_s'])} p95 {_ms(summary['itl_p95_s'])}  "
-              f"{summary['requests']} requests, {summary['errors']} errors", flush=True)
+              f"{summary['requests']} requests, {summary['errors']} errors, {summary['empty_answers']} empty",
+              flush=True)
     return rows
 
 
