@@ -234,6 +234,8 @@ def measure_generate(technique: GenerateTechnique, settings: GenerateSettings,
                run_peak_rss=probe.peak(), run_peak_exact=probe.exact, eos=sorted(tokenizer.eos_token_ids))
     if device.type == "cuda":
         out["cuda_peak_bytes"] = int(torch.cuda.max_memory_allocated(device))
+    if technique.decoding == "lookahead":  # the Jacobi window rides along in every pass, beyond the drafts
+        out["window_tokens_per_forward"] = (strategy.window - 1) + strategy.window * (strategy.ngram - 2)
     fallback = getattr(runner, "fallback_reason", None)
     if fallback:
         out["notes"] = [f"compiled decode fell back to eager: {fallback}"]
@@ -324,10 +326,11 @@ def to_result(m: Measured, baseline: Measured | None, context: dict[str, Any]) -
     config = context.get("config")
     if config is not None and runs:
         total = 0.0
-        for r in runs:  # accepted drafts are generated tokens; rejected ones are extra verification work
+        window = raw.get("window_tokens_per_forward", 0)
+        for r in runs:  # accepted drafts are generated tokens; rejected ones (and a lookahead window) are extra
             total += generation_flops(config, r["prompt_tokens"], r["generated"]).total
-            rejected = r["drafted"] - r["accepted"]
-            total += rejected * forward_flops(config, 1, past_tokens=r["prompt_tokens"] + r["generated"] // 2).total
+            extra = r["drafted"] - r["accepted"] + window * r["target_forwards"]
+            total += extra * forward_flops(config, 1, past_tokens=r["prompt_tokens"] + r["generated"] // 2).total
         metrics["flops_per_token"] = total / max(1, sum(r["generated"] for r in runs))
     energy = raw.get("energy") or {}
     if energy.get("joules"):

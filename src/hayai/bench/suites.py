@@ -187,6 +187,8 @@ def _generate(run: _Run, model_dir: str, data: BenchData) -> SuiteResult:
         f"perplexity on {size.perplexity_tokens} tokens of {data.source} data in windows of {size.window}; "
         "decoding strategies keep the perplexity of their weights",
         "lossless: greedy tokens identical to the baseline's on every prompt (up to the first end-of-sequence)",
+        "FLOPs/token: the target model's matrix products (hayai.bench.flops), rejected drafts and lookahead's "
+        "window included; a draft network's own work is not",
         f"{suite.memory_label}: measured after loading and converting the model, in a fresh process per technique "
         "(weights resident + KV cache + activations); the setup peak is in the details",
     ]
