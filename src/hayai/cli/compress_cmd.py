@@ -127,7 +127,8 @@ def compress(
     if layers:
         detail = Table(title="compressed weights", title_justify="left")
         for column in ("weight", "shape", "nonzero", "codes", "index bits", "pruned", "shared", "huffman"):
-            detail.add_column(column, justify="left" if column == "weight" else "right")
+            detail.add_column(column, justify="left" if column == "weight" else "right",
+                              overflow="fold" if column == "weight" else "ellipsis")
         for layer in report.layers:
             detail.add_row(layer.name, "x".join(map(str, layer.shape)), f"{layer.nonzero / layer.numel:.1%}",
                            str(layer.codes), str(layer.index_bits), _mb(layer.pruned), _mb(layer.shared),
