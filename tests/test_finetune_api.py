@@ -181,3 +181,22 @@ def test_exact_match_compares_greedy_answers(checkpoint):
     # The training layout (bf16 frozen weights, fp32 rest) generates under autocast.
     bf16 = exact_match(llm.model, llm.tokenizer, records, max_new_tokens=4, autocast_dtype=torch.bfloat16)
     assert bf16.total == 2
+
+
+def test_a_qlora_adapter_merges_into_the_nf4_base_it_was_trained_on(checkpoint, data, tmp_path):
+    from hayai.models.loading import load_model
+    from hayai.peft import load_adapter
+    from hayai.quant import quantize_model
+
+    hayai.finetune(str(checkpoint), data, output=tmp_path / "q", method="qlora", **(FAST | {"max_steps": 2}))
+    merged = merge_adapter(str(checkpoint), tmp_path / "q", tmp_path / "merged")  # base_quant "auto" -> nf4
+    model, _, _ = load_model(str(checkpoint))
+    quantize_model(model, "nf4")
+    load_adapter(model, tmp_path / "q")
+    with torch.no_grad():
+        expected = model(ids_for())
+        got = hayai.load(str(merged), dtype="fp32").model(ids_for())
+        float_base = hayai.load(str(merge_adapter(str(checkpoint), tmp_path / "q", tmp_path / "m2", base_quant=None)),
+                                dtype="fp32").model(ids_for())
+    assert torch.allclose(got, expected, atol=1e-4)
+    assert not torch.allclose(float_base, expected, atol=1e-3)  # merging into the float base is another model

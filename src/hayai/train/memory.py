@@ -188,8 +188,10 @@ def estimate_memory(model: nn.Module, probe: ActivationProbe, *, rule: str, batc
     activations = int(probe.activations(batch_size, checkpointing) * scale)
     loss_chunk = 3 * 4 * vocab_size * min(chunk_tokens, batch_size * seq_len)  # logits, softmax, casts
     working = int(probe.working_set(batch_size, checkpointing) * scale) + loss_chunk
-    return MemoryEstimate(current=current_rss_bytes() if current is None else current,
-                          weights=parameter_bytes(model), gradients=gradients, optimizer=optimizer,
+    weights = parameter_bytes(model)
+    current = current_rss_bytes() if current is None else current
+    # Weights read from a memory-mapped file can be partly non-resident now; training will touch them all.
+    return MemoryEstimate(current=max(current, weights), weights=weights, gradients=gradients, optimizer=optimizer,
                           activations=activations, working=working, batch_size=batch_size, seq_len=seq_len,
                           checkpointing=checkpointing)
 
