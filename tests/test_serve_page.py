@@ -119,10 +119,13 @@ def ask(driver, text: str) -> None:
     box.send_keys(Keys.ENTER)
 
 
-def answers(driver):
-    from selenium.webdriver.common.by import By
-
-    return driver.find_elements(By.CSS_SELECTOR, ".message.assistant")
+def answers(driver) -> list[dict]:
+    """The assistant messages as {state, text, meta}, read in one script (the page re-renders its list)."""
+    return driver.execute_script("""
+        return [...document.querySelectorAll('.message.assistant')].map((el) => ({
+            state: el.dataset.state,
+            text: el.querySelector('.content').textContent,
+            meta: (el.querySelector('.meta') || {}).textContent || ''}));""")
 
 
 def test_a_question_gets_a_streamed_answer_with_its_speed(browser, served, llm, tmp_path):
@@ -144,17 +147,14 @@ def test_a_question_gets_a_streamed_answer_with_its_speed(browser, served, llm, 
         set_field(browser, "max-tokens", "40")
         count_streamed_updates(browser)
         ask(browser, question)
-        done = wait_for(lambda: [a for a in answers(browser) if a.get_attribute("data-state") == "done"],
-                        what="the answer to finish")[0]
-        text = done.find_element(By.CSS_SELECTOR, ".content").get_attribute("textContent")
-        assert text == expected.text
+        done = wait_for(lambda: [a for a in answers(browser) if a["state"] == "done"], what="the answer to finish")[0]
+        assert done["text"] == expected.text
         assert browser.execute_script("return window.updates") > 1, "the answer arrived in one piece, not streamed"
-        meta = done.find_element(By.CSS_SELECTOR, ".meta").text
-        assert f"{len(expected.token_ids)} tokens" in meta and "tok/s" in meta
+        assert f"{len(expected.token_ids)} tokens" in done["meta"] and "tok/s" in done["meta"]
         # The conversation is kept in localStorage: it is still there after a reload.
         browser.refresh()
         wait_for(lambda: len(answers(browser)) == 1, what="the conversation to come back after a reload")
-        assert answers(browser)[0].find_element(By.CSS_SELECTOR, ".content").get_attribute("textContent") == text
+        assert answers(browser)[0]["text"] == expected.text
         assert question in browser.find_element(By.ID, "conversations").text
 
 
@@ -178,12 +178,11 @@ def test_the_stop_button_ends_the_answer_and_frees_the_server(browser, served, t
                 return original(url, init);
             };""")
         ask(browser, "Tell me a long story")
-        wait_for(lambda: any(a.find_element(By.CSS_SELECTOR, ".content").get_attribute("textContent")
-                             for a in answers(browser)), what="the first words")
+        wait_for(lambda: any(a["text"] for a in answers(browser)), what="the first words")
         browser.find_element(By.ID, "stop").click()
-        stopped = wait_for(lambda: [a for a in answers(browser) if a.get_attribute("data-state") == "stopped"],
+        stopped = wait_for(lambda: [a for a in answers(browser) if a["state"] == "stopped"],
                            what="the answer to show it was stopped")[0]
-        assert "stopped" in stopped.find_element(By.CSS_SELECTOR, ".meta").text
+        assert "stopped" in stopped["meta"]
         assert browser.find_element(By.ID, "send").is_enabled()
         wait_for(lambda: scheduler.stats().cancelled == cancelled + 1 and scheduler.stats().running == 0,
                  what="the server to cancel the request")
