@@ -281,7 +281,7 @@ def test_disconnecting_clients_free_their_rows(served):
     assert wait_until(lambda: scheduler.stats().cancelled == cancelled + 1)
     # Not streamed: the client gives up waiting (timeout), the server notices the closed connection.
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(server.url + "/v1/completions", json={**body, "stream": False}, timeout=0.5)
+        httpx.post(server.url + "/v1/completions", json={**body, "stream": False}, timeout=0.2)
     assert wait_until(lambda: scheduler.stats().cancelled == cancelled + 2)
     stats = scheduler.stats()
     assert stats.running == 0 and stats.prefilling == 0 and stats.generated_tokens == generated
