@@ -29,7 +29,7 @@ from hayai.errors import CorruptFileError
 
 MAX_CODE_LENGTH = 24  # a 24-bit window plus 7 bits of misalignment fits in the 32-bit reads of `decode`
 _ENCODE_CHUNK = 1 << 20  # symbols per vectorised encoding step
-_DECODE_CHUNK = 1 << 22  # bit positions per vectorised window step
+_DECODE_CHUNK = 1 << 20  # bit positions per vectorised window step
 
 
 # ---- code construction -----------------------------------------------------------------------------------------

@@ -170,8 +170,7 @@ def deep_compress(model: nn.Module, *, sparsity: Sparsity = 0.5, bits: Bits = 4,
            quality(model) if quality is not None else None)
 
     # 2. weight sharing (+ centroid fine-tuning)
-    names = [t.name for t in pruner.targets]
-    shared = share_weights(model, bits, include=_exact(names),
+    shared = share_weights(model, bits, targets=pruner.targets,
                            progress=None if progress is None else (lambda d, t: progress("share", d, t)))
     if retrain is not None:
         retrain(model, "share")
@@ -203,8 +202,3 @@ def deep_compress(model: nn.Module, *, sparsity: Sparsity = 0.5, bits: Bits = 4,
     finish("huffman", report.other_bytes + sum(layer.huffman for layer in report.layers),
            report.stages[-1].quality)
     return report
-
-
-def _exact(names: list[str]) -> list[str]:
-    """Glob patterns matching exactly these module names (escaping glob metacharacters)."""
-    return ["".join(f"[{c}]" if c in "*?[]" else c for c in name) for name in names]

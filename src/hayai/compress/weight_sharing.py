@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hayai.compress.targets import COMPRESSIBLE_TYPES, compressible_weights
+from hayai.compress.targets import COMPRESSIBLE_TYPES, TargetWeight, compressible_weights
 from hayai.errors import ConfigError
 
 Bits = int | Mapping[str, int]
@@ -244,6 +244,7 @@ def _replacement(module: nn.Module, shared: SharedWeight) -> nn.Module:
 
 def share_weights(model: nn.Module, bits: Bits = 4, *, include: str | Sequence[str] | None = None,
                   exclude: str | Sequence[str] | None = None, init: str = "linear", iterations: int = 10_000,
+                  targets: Sequence[TargetWeight] | None = None,
                   progress: Callable[[int, int], None] | None = None) -> dict[str, SharedWeight]:
     """Replace every targeted Linear/Conv/Embedding with its shared-weight version, in place.
 
@@ -251,9 +252,11 @@ def share_weights(model: nn.Module, bits: Bits = 4, *, include: str | Sequence[s
     layers stay dense), e.g. ``{"*conv*": 8, "*": 5}`` (the paper's AlexNet setting). A weight tied between
     several modules (embedding and LM head) becomes one `SharedWeight` that all of them hold. Returns the
     shared weights by name. The centroids are trainable; everything else keeps its `requires_grad`.
+    `targets` (e.g. a `MagnitudePruner`'s) replaces the include/exclude selection.
     """
-    targets = [t for t in compressible_weights(model, include, exclude, COMPRESSIBLE_TYPES)
-               if bits_for(t.name, bits) is not None]
+    if targets is None:
+        targets = compressible_weights(model, include, exclude, COMPRESSIBLE_TYPES)
+    targets = [t for t in targets if bits_for(t.name, bits) is not None]
     if not targets:
         raise ConfigError("weight sharing: no Linear/Conv/Embedding weights match the include/exclude patterns")
     out: dict[str, SharedWeight] = {}
