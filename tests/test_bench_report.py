@@ -19,6 +19,7 @@ from hayai.bench.report import (
     read_results,
     rich_table,
     speed_quality_front,
+    status_lines,
     write_report,
 )
 from hayai.errors import ConfigError
@@ -131,8 +132,11 @@ def test_rich_table_and_bad_status():
     from rich.console import Console
 
     console = Console(width=200, record=True)
-    console.print(rich_table(generate_suite()))
+    suite = generate_suite()
+    console.print(rich_table(suite))
     text = console.export_text()
-    assert "int8 + prompt lookup" in text and "kernel exploded" in text and "3.00x" in text
+    assert "int8 + prompt lookup" in text and "nf4 (failed)" in text and "3.00x" in text
+    assert status_lines(suite) == [("failed", "nf4: RuntimeError: kernel exploded"),
+                                   ("skipped", "draft model: no --draft-model given")]
     with pytest.raises(ConfigError):
         TechniqueResult("x", status="maybe")

@@ -128,7 +128,9 @@ def test_plan_and_only():
     runs, skipped = plan_techniques("fp32", quick=True, draft_model=None)
     names = [t.name for t in runs]
     assert names[0] == "fp32 (baseline)" and "fp32" not in names[1:] and "bf16" in names
-    assert {r.name: r.status for r in skipped} == {"draft model": "skipped", "compiled decode": "skipped"}
+    assert {r.name: r.status for r in skipped} == {"nf4": "skipped", "draft model": "skipped",
+                                                   "compiled decode": "skipped"}
+    assert "nf4" in [t.name for t in plan_techniques("fp32", quick=False, draft_model=None)[0]]
     runs, skipped = plan_techniques("bf16", quick=False, draft_model="small", only=("int4", "draft"))
     assert [t.name for t in runs] == ["bf16 (baseline)", "int4", "draft model (small)"] and skipped == []
     with pytest.raises(ConfigError, match="unknown technique nope"):

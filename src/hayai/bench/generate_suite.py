@@ -1,18 +1,19 @@
 """The generate suite: weight formats and decoding strategies against plain decoding, on the user's model.
 
 Each technique runs in a fresh process (`hayai.bench.memory.run_isolated`): load the model, apply the weight
-format, build the decoding strategy, then, with the resident-memory high-water mark reset after that setup,
+format, build the decoding strategy, then
 
-1. perplexity on the data (only where the weights differ from the baseline's: a decoding strategy does not change
-   the model, so it inherits the baseline's perplexity);
+1. perplexity on the data (only for the baseline and the weight formats: a decoding strategy does not change the
+   model, so it inherits the perplexity of its weights);
 2. one short warm-up generation (lazy kernel packing, draft construction);
-3. greedy generation of `new_tokens` tokens for each prompt, end-of-sequence ignored so every technique does the
-   same work (as in benchmarks/generate.py).
+3. with the resident-memory high-water mark reset, greedy generation of `new_tokens` tokens for each prompt,
+   end-of-sequence ignored so every technique does the same work (as in benchmarks/generate.py).
 
 Measured per technique: decode tokens/s = Σ (tokens − 1) / Σ decode seconds (the first token comes from the
 prefill), prefill tokens/s, tokens per target forward and draft acceptance (speculative strategies), weight
 bytes read per token and the achieved fraction of the measured read-bandwidth limit, estimated FLOPs per token,
-peak RSS while generating (CUDA peak on GPUs) and of the setup, energy where readable. "Lossless" compares the
+peak RSS while generating (CUDA peak on GPUs; everything resident, weights included) and of the setup (loading,
+converting, perplexity, warm-up), energy where readable. "Lossless" compares the
 greedy tokens with the baseline's, prompt by prompt, up to the first end-of-sequence token: speculative decoding
 is lossless by construction (up to floating-point differences between a multi-token verification pass and
 single-token passes), a weight format is not.
@@ -24,8 +25,8 @@ Techniques (each reported ok, failed with its error, or skipped with the reason)
             decoding (`hayai.decode.lookahead`), self-speculative early exit at half depth and with an int4 copy
             of the model as draft (`hayai.decode.self_speculative`), a draft model (`--draft-model`), compiled
             decode (`hayai.decode.compiled`, not in --quick: compiling takes tens of seconds)
-  combination  the fastest weight format within the quality tolerance with the fastest lossless decoding
-            strategy, both chosen from this run's measurements.
+  combination  the fastest weight format within the quality tolerance with the fastest decoding strategy,
+            both chosen from this run's measurements.
 """
 
 from __future__ import annotations
@@ -200,12 +201,7 @@ def measure_generate(technique: GenerateTechnique, settings: GenerateSettings,
     strategy, runner = build_strategy(technique.decoding, model, tokenizer, settings)
     engine = Engine(runner, tokenizer)
     engine.refresh_weight_bytes()
-    setup = {"setup_seconds": time.perf_counter() - started, "setup_peak_rss": peak_rss_bytes()}
-    release_memory()
-    probe = PeakRSS()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    out: dict[str, Any] = {"weights": weights, "dtype": str(model.dtype).removeprefix("torch."), **setup}
+    out: dict[str, Any] = {"weights": weights, "dtype": str(model.dtype).removeprefix("torch.")}
 
     if technique.kind in ("baseline", "weights"):  # decoding strategies keep their weights' perplexity
         ids = _perplexity_ids(settings.perplexity_records, tokenizer, settings.perplexity_tokens)
@@ -217,6 +213,12 @@ def measure_generate(technique: GenerateTechnique, settings: GenerateSettings,
     n = settings.new_tokens
     report("warm-up", 0, 1)
     engine.generate(prompts[0], max_new_tokens=min(8, n), strategy=strategy, stop_token_ids=set(), truncate=True)
+    # Setup ends here: loading, converting, lazy kernel packing and draft construction are behind us.
+    out.update(setup_seconds=time.perf_counter() - started, setup_peak_rss=peak_rss_bytes())
+    release_memory()
+    probe = PeakRSS()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     runs = []
     total = len(prompts) * settings.repeats
     meter = EnergyMeter()
@@ -255,10 +257,17 @@ def plan_techniques(base_dtype: str, quick: bool, draft_model: str | None,
     techniques whose keys (`KEYS`) are listed."""
     chosen = set(KEYS if only is None else only)
     runs = [GenerateTechnique(f"{base_dtype} (baseline)", "baseline", description="plain autoregressive decoding")]
-    for fmt in WEIGHT_FORMATS:
-        if fmt != base_dtype and fmt in chosen:
-            runs.append(GenerateTechnique(fmt, "weights", weights=fmt, description=DESCRIPTIONS[fmt]))
     skipped = []
+    for fmt in WEIGHT_FORMATS:
+        if fmt == base_dtype or fmt not in chosen:
+            continue
+        if fmt == "nf4" and quick:
+            skipped.append(TechniqueResult.skipped(fmt, "--quick: NF4 dequantizes every weight on every forward "
+                                                   "pass, so decoding is ~10x slower than the baseline; it is "
+                                                   "QLoRA's storage format (see the finetune suite)", "weights",
+                                                   DESCRIPTIONS[fmt]))
+        else:
+            runs.append(GenerateTechnique(fmt, "weights", weights=fmt, description=DESCRIPTIONS[fmt]))
     for decoding, name in NAMES.items():
         if decoding not in chosen:
             continue
@@ -356,16 +365,16 @@ def to_result(m: Measured, baseline: Measured | None, context: dict[str, Any]) -
 
 def combination(results: list[TechniqueResult], techniques: dict[str, GenerateTechnique],
                 suite: SuiteResult) -> GenerateTechnique | str:
-    """The fastest weight format within the quality tolerance plus the fastest lossless decoding strategy, or
-    the reason there is no combination worth running."""
+    """The fastest weight format within the quality tolerance plus the fastest decoding strategy (all of them
+    keep their weights' quality), or the reason there is no combination worth running."""
     def faster(r: TechniqueResult) -> bool:
         ratio = suite.speed_ratio(r)
         return ratio is not None and ratio > 1.0
 
     formats = [r for r in results if r.kind == "weights" and faster(r) and suite.within_tolerance(r)]
-    decodings = [r for r in results if r.kind == "decoding" and faster(r) and r.lossless]
+    decodings = [r for r in results if r.kind == "decoding" and faster(r) and suite.within_tolerance(r)]
     if not formats or not decodings:
-        missing = "weight format within the quality tolerance" if not formats else "lossless decoding strategy"
+        missing = "weight format within the quality tolerance" if not formats else "decoding strategy"
         return f"no {missing} was faster than the baseline, so there is nothing to combine"
     fmt = max(formats, key=lambda r: r.speed)
     dec = max(decodings, key=lambda r: r.speed)

@@ -301,23 +301,35 @@ def details_rows(suite: SuiteResult) -> list[list[str]]:
             for r in suite.results if r.ok]
 
 
-def rich_table(suite: SuiteResult, error_width: int = 48) -> Any:
-    """The suite's main table as a `rich.table.Table` (failed rows red, skipped rows dim, the speed-quality
-    front bold)."""
+def rich_table(suite: SuiteResult) -> Any:
+    """The suite's main table as a `rich.table.Table`: the speed-quality front bold, failed techniques red and
+    skipped ones dim, marked after their name. Errors and skip reasons would not fit a terminal: see
+    `status_lines`."""
+    from rich import box
     from rich.table import Table
 
-    table = Table(title=f"{suite.name} suite", title_justify="left")
-    header = ["technique", suite.speed_label, "speed", suite.memory_label, "memory", suite.quality_label,
-              "lossless", "status"]
-    for i, name in enumerate(header):
-        numeric = i in (1, 2, 3, 4, 5)
-        table.add_column(name, justify="right" if numeric else "left", no_wrap=numeric, overflow="fold")
+    table = Table(title=f"{suite.name} suite", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    header = ["technique", suite.speed_label, "speed", suite.memory_label, "memory", suite.quality_label, "change",
+              "lossless"]
+    for i, name in enumerate(header):  # on narrow terminals the technique and lossless columns wrap
+        table.add_column(name, justify="right" if 1 <= i <= 6 else "left", no_wrap=i not in (0, 7),
+                         min_width=12 if i == 0 else None)
     front = {r.name for r in speed_quality_front(suite)}
-    for r, row in zip(suite.results, table_rows(suite, error_width), strict=True):
+    for r in suite.results:
         style = "red" if r.status == "failed" else "dim" if r.status == "skipped" else (
             "bold" if r.name in front else None)
-        table.add_row(*row, style=style)
+        change = suite.quality_change(r)
+        table.add_row(r.name if r.ok else f"{r.name} ({r.status})", format_value(r.speed),
+                      format_value(suite.speed_ratio(r), "ratio"), format_bytes(r.memory_bytes),
+                      format_value(suite.memory_ratio(r), "ratio"), format_value(r.quality),
+                      "" if change is None or r.kind == "baseline" else f"{change:+.1%}", lossless_text(r),
+                      style=style)
     return table
+
+
+def status_lines(suite: SuiteResult) -> list[tuple[str, str]]:
+    """(status, "technique: error or reason") for every technique that did not run."""
+    return [(r.status, f"{r.name}: {' '.join((r.error or '').split())}") for r in suite.results if not r.ok]
 
 
 def rich_details_table(suite: SuiteResult) -> Any:

@@ -186,7 +186,9 @@ def _generate(run: _Run, model_dir: str, data: BenchData) -> SuiteResult:
         "token (prefill)",
         f"perplexity on {size.perplexity_tokens} tokens of {data.source} data in windows of {size.window}; "
         "decoding strategies keep the perplexity of their weights",
-        "lossless: greedy tokens identical to the baseline's on every prompt (up to the first end-of-sequence)",
+        "lossless: greedy tokens identical to the baseline's on every prompt (up to the first end-of-sequence)"
+        + ("" if base_dtype == "fp32" else f"; in {base_dtype} a multi-token verification pass rounds differently "
+           "from single-token passes, so speculative strategies, exact by construction, can still drift"),
         "FLOPs/token: the target model's matrix products (hayai.bench.flops), rejected drafts and lookahead's "
         "window included; a draft network's own work is not",
         f"{suite.memory_label}: measured after loading and converting the model, in a fresh process per technique "

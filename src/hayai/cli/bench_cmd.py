@@ -6,6 +6,7 @@ import datetime
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from hayai.cli.app import app, err, out
@@ -30,7 +31,7 @@ class _BenchDisplay:
     def __call__(self, event) -> None:
         p = self.progress
         if event.kind == "stage":
-            p.console.print(f"[dim]• {event.message}[/]")
+            p.console.print(f"[dim]• {escape(event.message)}[/]")
         elif event.kind == "start":
             p.update(self.overall, total=event.total, completed=event.index - 1)
             p.update(self.current, description=f"  {event.suite}: {event.technique}", completed=0, total=None,
@@ -44,7 +45,7 @@ class _BenchDisplay:
             r = event.result
             if r is not None and r.status != "ok":
                 style = "red" if r.status == "failed" else "dim"
-                p.console.print(f"[{style}]  {r.name}: {r.status}: {r.error}[/]", soft_wrap=True)
+                p.console.print(f"[{style}]  {escape(r.name)}: {r.status}: {escape(r.error or '')}[/]", soft_wrap=True)
 
 
 def new_report_dir(parent: Path) -> Path:
@@ -84,7 +85,7 @@ def bench(
 ) -> None:
     """Run the techniques hayai has against the plain baseline on your model and data; write report.md,
     results.json and Pareto-front plots, and recommend one per suite."""
-    from hayai.bench.report import rich_details_table, rich_table, write_report
+    from hayai.bench.report import rich_details_table, rich_table, status_lines, write_report
     from hayai.bench.suites import SUITES, BenchOptions, run_bench
 
     if suite not in (*SUITES, "all"):
@@ -100,6 +101,8 @@ def bench(
     paths = write_report(report, directory)
     for s in report.suites:
         out.print(rich_table(s))
+        for status, line in status_lines(s):
+            out.print(f"[{'red' if status == 'failed' else 'dim'}]{status}: {escape(line)}[/]")
         if details:
             out.print(rich_details_table(s))
         for line in s.recommendation:
