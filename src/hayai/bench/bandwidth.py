@@ -45,7 +45,7 @@ class BandwidthLimit:
 
     def summary(self) -> str:
         return (f"{self.gb_per_second:.1f} GB/s read ({self.buffer_bytes / MIB:.0f} MiB buffer, {self.device}, "
-                f"{self.threads} threads, IQR {self.timing.relative_spread:.0%})")
+                f"{self.threads} thread{'s' if self.threads != 1 else ''}, IQR {self.timing.relative_spread:.0%})")
 
     def as_dict(self) -> dict[str, Any]:
         return {"bytes_per_second": self.bytes_per_second, "buffer_bytes": self.buffer_bytes, "device": self.device,

@@ -137,8 +137,9 @@ def one_line(info: dict[str, Any] | None = None) -> str:
     info = info or describe()
     isa = ", ".join(i for i in info["isa"] if i in ("AVX2", "AVX-512", "AVX-512 BF16", "AMX BF16"))
     gpu = "; ".join(f"{g['name']} ({g['memory_bytes'] / 2**30:.0f} GiB)" for g in info["gpus"])
+    threads = f"{info['threads']} thread{'s' if info['threads'] != 1 else ''}"
     parts = [f"{info['cpu']} ({info['cpu_cores_physical']} cores, {isa or 'no AVX'})",
-             f"{info['memory_bytes'] / 1e9:.0f} GB RAM", f"torch {info['torch']}", f"{info['threads']} threads"]
+             f"{info['memory_bytes'] / 1e9:.0f} GB RAM", f"torch {info['torch']}", threads]
     if gpu:
         parts.append(gpu)
     return ", ".join(parts)
