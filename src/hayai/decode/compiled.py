@@ -24,11 +24,25 @@ Compilation takes tens of seconds on first use (TorchInductor caches compiled co
 
 from __future__ import annotations
 
+import itertools
+import types
+
 import torch
 from torch import nn
 
 from hayai.models.kv_cache import KVCache, WritePlan
 from hayai.models.llama import CausalLM
+
+_instances = itertools.count()
+
+
+def _own_code(fn: types.FunctionType) -> types.FunctionType:
+    """A copy of `fn` with a code object of its own. Dynamo keeps one cache of compiled graphs per code object,
+    with a recompile limit (8); without this, every wrapped architecture and dtype would share that limit, and
+    once it is reached dynamo silently runs the function eagerly."""
+    name = f"{fn.__code__.co_name}_{next(_instances)}"
+    code = fn.__code__.replace(co_name=name, co_qualname=name)
+    return types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
 
 
 class _StaticSlots:
@@ -81,7 +95,8 @@ class CompiledLM(CausalLM):
         self.backend = backend
         self.fallback_reason: str | None = None
         self.compiled_calls = 0
-        self._compiled = torch.compile(self._static_hidden, backend=backend, dynamic=None)
+        own = types.MethodType(_own_code(CompiledLM._static_hidden), self)
+        self._compiled = torch.compile(own, backend=backend, dynamic=None)
         self._warm_up()
 
     @property
