@@ -29,7 +29,7 @@ def digits(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tor
     return x[order[:cut]], y[order[:cut]], x[order[cut:]], y[order[cut:]]
 
 
-def mixed_polarity_digits(seed: int = 0, noise: float = 0.15, test_copies: int = 4
+def mixed_polarity_digits(seed: int = 0, noise: float = 0.05, test_copies: int = 4
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Digits drawn from two "domains": half the images are inverted (1 − x), every image is shifted by up to
     one pixel and gets Gaussian noise. Each test image appears `test_copies` times (alternating domains, fresh
@@ -74,8 +74,8 @@ class TextSet:
             yield self.tokens[idx], self.lengths[idx], self.labels[idx]
 
 
-def skim_reviews(n: int, seed: int = 0, min_length: int = 120, max_length: int = 200, passage: int = 24,
-                 density: float = 0.5, noise: float = 0.02) -> TextSet:
+def skim_reviews(n: int, seed: int = 0, min_length: int = 80, max_length: int = 160, passage: int = 20,
+                 density: float = 0.6, noise: float = 0.02) -> TextSet:
     """n reviews of min..max tokens. Filler words everywhere, except one `passage`-token opinion passage at a
     random position where a `density` fraction of the words carry the label's polarity; elsewhere a `noise`
     fraction of words are sentiment words of random polarity. A reader that finds the passage gets the label;

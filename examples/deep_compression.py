@@ -1,6 +1,6 @@
 """Deep Compression of a small classifier: prune 90% with retraining, 5-bit weight sharing, Huffman coding.
 
-    .venv/bin/python examples/deep_compression.py        # about a minute on 2 CPU cores
+    .venv/bin/python examples/deep_compression.py [THREADS]      # about a minute on 2 CPU cores
 
 A LeNet-300-100-style MLP (64-300-100-10) on scikit-learn's bundled 8x8 digits. Pruning runs in three steps
 (geometric schedule to 90%) with a short retraining after each; weight sharing uses 5 bits per layer and
@@ -57,7 +57,8 @@ def compress_classifier(sparsity: float = 0.9, bits: int = 5, prune_steps: int =
 
 
 def main() -> None:
-    torch.set_num_threads(2)
+    if len(sys.argv) > 1:
+        torch.set_num_threads(int(sys.argv[1]))  # optional: threads
     _, report = compress_classifier()
     print(f"{'stage':<9} {'size':>10} {'ratio':>7} {'test accuracy':>14}")
     for s in report.stages:

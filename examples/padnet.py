@@ -1,6 +1,6 @@
 """PAD-Net: a small CNN whose convolutions are partially dynamic, partitioned by IMP before training.
 
-    .venv/bin/python examples/padnet.py        # a few minutes on 2 CPU cores
+    .venv/bin/python examples/padnet.py [THREADS]       # a few minutes on 2 CPU cores
 
 Digits (8x8, scikit-learn's bundled set), half of them inverted, shifted and noisy
 (`compact_data.mixed_polarity_digits`). The first convolution is static; the next two are
@@ -28,7 +28,7 @@ from hayai.nn import PartiallyDynamicConv2d, iterative_mode_partition, parameter
 class SmallCNN(nn.Module):
     """conv(1→c) static, then two 3x3 convolutions that are plain (`dynamic=False`) or PAD-Net layers."""
 
-    def __init__(self, dynamic: bool, num_kernels: int = 4, width: int = 8):
+    def __init__(self, dynamic: bool, num_kernels: int = 4, width: int = 12):
         super().__init__()
 
         def conv(cin: int, cout: int) -> nn.Module:
@@ -71,7 +71,7 @@ def partition(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ratio: float |
     iterative_mode_partition(model, batches, lambda m, b: F.cross_entropy(m(b[0]), b[1]), dynamic_ratio=ratio)
 
 
-def run(kind: str, epochs: int = 12, seed: int = 0, ratio: float | None = None) -> dict:
+def run(kind: str, epochs: int = 15, seed: int = 0, ratio: float | None = None) -> dict:
     """kind: 'static' (plain convs), 'dynamic' (all positions dynamic) or 'pad' (IMP to `ratio`, default 0.3)."""
     torch.manual_seed(seed)
     x_train, y_train, x_test, y_test = mixed_polarity_digits(seed)
@@ -85,7 +85,8 @@ def run(kind: str, epochs: int = 12, seed: int = 0, ratio: float | None = None) 
 
 
 def main() -> None:
-    torch.set_num_threads(2)
+    if len(sys.argv) > 1:
+        torch.set_num_threads(int(sys.argv[1]))  # optional: threads
     for kind in ("static", "dynamic", "pad"):
         r = run(kind)
         print(f"{kind:<8} accuracy {100 * r['accuracy']:.2f}%  dynamic params {r['dynamic_params']:>6}  "
