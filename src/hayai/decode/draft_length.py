@@ -7,9 +7,9 @@ With acceptance rate α per token and k drafted tokens, one verification pass yi
     all drafted tokens accepted  ->  k += 2            (up to `maximum`)
     any drafted token rejected   ->  k = max(minimum, k − 1)
 
-`constant` keeps k fixed. On a CPU, where one verification pass over k+1 tokens costs about as much as a
-single-token pass (decode reads every weight once either way), long drafts are cheap for the target and cost
-only draft work, so the bounds matter more for draft models than for prompt lookup.
+`constant` keeps k fixed. The defaults (start at 4, at most 8) suit small CPUs: there the matmul kernels are
+compute-bound from about 4 rows, so a pass over 9 tokens costs about 2.5x a one-token pass (on a GPU it costs
+about the same, and longer drafts pay off).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ SCHEDULES = ("constant", "heuristic")
 
 
 class DraftLength:
-    def __init__(self, initial: int = 5, schedule: str = "heuristic", minimum: int = 1, maximum: int = 16):
+    def __init__(self, initial: int = 4, schedule: str = "heuristic", minimum: int = 1, maximum: int = 8):
         if schedule not in SCHEDULES:
             raise ConfigError(f"draft length schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
         if not 1 <= minimum <= initial <= maximum:
