@@ -43,7 +43,7 @@ from hayai.models.loading import ModelInfo, load_model
 from hayai.models.tokenizer import Tokenizer
 from hayai.runtime import configure_threads, current_rss_bytes, resolve_device
 from hayai.train.checkpointing import activation_checkpointing_removed, apply_activation_checkpointing
-from hayai.train.data import DataLoader, LoadedData, Record, prompt_text, read_jsonl, tokenize_records
+from hayai.train.data import Batch, DataLoader, Record, Row, collate, prompt_text, read_jsonl, tokenize_records
 from hayai.train.export import save_model_directory
 from hayai.train.lomo import AdaLomo, Lomo
 from hayai.train.loss import ChunkedCrossEntropy, FullCrossEntropy
@@ -228,9 +228,8 @@ def build_update_rule(rule: str, model: nn.Module, config: FinetuneConfig) -> Up
     return OptimizerUpdate(named, weight_decay=config.weight_decay, max_grad_norm=config.grad_norm_limit)
 
 
-def _probe_batch(seq_len: int, vocab: int, packing: bool):
-    from hayai.train.data import Row, collate
-
+def _probe_batch(seq_len: int, vocab: int, packing: bool) -> Batch:
+    """One sequence of `seq_len` random tokens, every position trained (the most a sequence can cost)."""
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (seq_len + 1,), generator=generator).tolist()
     return collate([Row(tuple(ids[:-1]), tuple(ids[1:]), (seq_len,))], pad_id=0, packed=packing)
@@ -376,10 +375,6 @@ def _emit(callback: Callback | None, kind: str, **kwargs: Any) -> None:
         callback(TrainEvent(kind, kwargs.pop("step", 0), kwargs.pop("total_steps", 0), **kwargs))
 
 
-def _read(path: str | os.PathLike, skip_bad: bool) -> LoadedData:
-    return read_jsonl(path, skip_bad=skip_bad)
-
-
 # ---- the facade ------------------------------------------------------------------------------------------------
 def finetune(model: str | None = None, data: str | os.PathLike | None = None, *, output: str | os.PathLike,
              eval_data: str | os.PathLike | None = None, callback: Callback | None = None,
@@ -398,8 +393,8 @@ def finetune(model: str | None = None, data: str | os.PathLike | None = None, *,
 
     _emit(callback, "stage", message="loading the model")
     net, tokenizer, info = load_model(model, dtype=torch.float32, device=device)
-    train_data = _read(data, config.skip_bad)
-    eval_records = _read(eval_data, config.skip_bad).records if eval_data is not None else []
+    train_data = read_jsonl(data, skip_bad=config.skip_bad)
+    eval_records = read_jsonl(eval_data, skip_bad=config.skip_bad).records if eval_data is not None else []
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     rule = prepare_model(net, config, autocast_dtype)
