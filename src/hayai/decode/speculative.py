@@ -27,6 +27,9 @@ from hayai.decode.sampling import probabilities, select
 
 
 class SpeculativeDecoding(DecodeStrategy):
+    """Draft with `source`, verify with the target (see the module docstring). One object serves any number of
+    generations, one at a time; `acceptance_by_position` accumulates over all of them."""
+
     def __init__(self, source: CandidateSource, draft_length: DraftLength | None = None):
         self.source = source
         self.draft_length = draft_length or DraftLength()
