@@ -19,7 +19,8 @@ Printed and saved (benchmarks/results/decode.json and decode.png) per mode: deco
 and open sets, the ratio to HF fp32 and to llama.cpp, tokens per target forward pass, the fraction of drafted
 tokens accepted, achieved weight bandwidth as a fraction of the measured weight-read limit (the time to stream
 a buffer larger than the caches: `sum` over 256 MB), and whether the greedy tokens equal the plain decoding of
-the same weights (speculation is exact up to floating-point rounding; in bf16 a near-tie can flip). A FastCoT
+the same weights (speculation is exact up to floating-point rounding; in bf16 a near-tie can flip, and
+"max gap" then gives the largest logit distance of an emitted token from the argmax of an uncached pass). A FastCoT
 section reports early answers against full chain-of-thought answers on small arithmetic questions.
 """
 
@@ -183,11 +184,22 @@ def run_mode(engine: Engine, mode: ModeResult, prompt_set: list[dict], ids_list:
             if not row["identical"]:
                 a, b = completion.token_ids, plain_tokens[p["name"]]
                 row["first_difference"] = next(i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y)
+                row["greedy_gap"] = greedy_gap(engine.model, ids, completion.token_ids)
         mode.rows.append(row)
         print(f"  {mode.name:<28} {p['name']:<10} {row['tps']:7.1f} tok/s  {row['tokens_per_forward']:5.2f} "
               f"tok/forward", flush=True)
     if hasattr(strategy, "acceptance_by_position"):
         mode.rows[-1]["acceptance_by_position"] = strategy.acceptance_by_position()
+
+
+def greedy_gap(model, prompt: list[int], output: list[int]) -> float:
+    """Largest distance (in logits) of an output token from the argmax of one uncached eager pass over
+    prompt + output: 0 for exact greedy decoding, a rounding-sized value where a near-tie flipped."""
+    model = model.eager if isinstance(model, CompiledLM) else model
+    with torch.inference_mode():
+        logits = model(torch.tensor([prompt + output]))[0, len(prompt) - 1: len(prompt) - 1 + len(output)].float()
+    chosen = logits[torch.arange(len(output)), torch.tensor(output)]
+    return float((logits.max(dim=-1).values - chosen).max())
 
 
 def compile_model(model, engine_args, ids: list[int]) -> tuple[CompiledLM, float]:
@@ -259,7 +271,7 @@ def plot(results: list[ModeResult], hf: dict, llamacpp: dict | None, path: Path)
     ax.invert_yaxis()
     ax.set_xlabel("decode tokens/s (greedy, batch 1)")
     ax.set_title("SmolLM2-135M decode modes")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -273,6 +285,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--draft", default=None, help="a draft model (store name/path) for the 'draft' strategy")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--prompts", type=int, default=None, help="use only the first N prompts of each kind")
     parser.add_argument("--no-llamacpp", action="store_true")
     parser.add_argument("--no-hf", action="store_true")
     parser.add_argument("--no-fastcot", action="store_true")
@@ -288,6 +301,8 @@ def main() -> None:
     compile_settings = {"both": [False, True], "on": [True], "off": [False]}[args.compile or
                                                                            ("off" if args.quick else "both")]
     questions = COT_QUESTIONS
+    if args.prompts is not None:
+        prompt_set = [p for kind in ("grounded", "open") for p in benchmark_prompts(kind)[: args.prompts]]
     if args.quick:
         prompt_set, new_tokens = [prompt_set[0], prompt_set[4]], 32
         weights, strategies, questions = ["fp32", "int4"], ["plain", "lookup"], COT_QUESTIONS[:2]
@@ -372,7 +387,7 @@ def main() -> None:
 
     print()
     header = (f"{'mode':<28} {'grounded':>9} {'open':>8} {'xHF':>6} {'xllama.cpp':>10} {'tok/fwd':>8} "
-              f"{'accepted':>9} {'GB/s':>6} {'of limit':>9} {'identical':>10}")
+              f"{'accepted':>9} {'GB/s':>6} {'of limit':>9} {'identical':>10} {'max gap':>8}")
     print(header)
     table = []
     for m in results:
@@ -381,6 +396,7 @@ def main() -> None:
         accepted = sum(r["accepted"] for r in m.rows) / drafted if drafted else None
         bandwidth = m.mean("bandwidth")
         identical = [r["identical"] for r in m.rows if "identical" in r]
+        gap = max((r.get("greedy_gap", 0.0) for r in m.rows), default=0.0)
         entry = {"mode": m.name, "weights": m.weights, "compiled": m.compiled, "strategy": m.strategy,
                  "grounded_tps": grounded, "open_tps": open_, "tps": every,
                  "ratio_hf": every / hf["tps"] if hf["tps"] else None,
@@ -390,13 +406,14 @@ def main() -> None:
                  "tokens_per_forward": m.mean("tokens_per_forward"), "accepted_fraction": accepted,
                  "bandwidth_gbs": bandwidth / 1e9, "bandwidth_fraction": bandwidth / limit,
                  "weight_bytes_per_token": m.weight_bytes_per_token, "compile_seconds": m.compile_seconds,
-                 "identical": f"{sum(identical)}/{len(identical)}" if identical else "-", "rows": m.rows}
+                 "identical": f"{sum(identical)}/{len(identical)}" if identical else "-", "max_greedy_gap": gap,
+                 "rows": m.rows}
         table.append(entry)
         lc_ratio = f"{entry['ratio_llamacpp_grounded']:9.2f}x" if llamacpp else f"{'-':>10}"
         hf_ratio = f"{entry['ratio_hf']:5.2f}x" if entry["ratio_hf"] else f"{'-':>6}"
         print(f"{m.name:<28} {grounded:9.1f} {open_:8.1f} {hf_ratio} {lc_ratio} "
               f"{entry['tokens_per_forward']:8.2f} {accepted if accepted is not None else 0:9.2f} "
-              f"{bandwidth / 1e9:6.1f} {bandwidth / limit:8.0%} {entry['identical']:>10}")
+              f"{bandwidth / 1e9:6.1f} {bandwidth / limit:8.0%} {entry['identical']:>10} {gap:8.2f}")
     if fastcot:
         acc, sec = fastcot["accuracy"], fastcot["seconds"]
         print(f"\nFastCoT, budget {fastcot['budget_forwards']} passes, window {fastcot['window']}: accuracy "
