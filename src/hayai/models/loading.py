@@ -323,8 +323,6 @@ def build_quantized_model(config: ModelConfig, path: Path, *, dtype: torch.dtype
     from hayai.quant import load_quantized, read_quantized
 
     state, quant_config = read_quantized(path)
-    # Fresh, aligned copies: the packed int8/int4 kernels can crash on tensors left inside the file's mapping.
-    state = {key: tensor.clone() for key, tensor in state.items()}
     with torch.device("meta"):
         model = CausalLM(config)
     load_quantized(model, state, quant_config, device=device)

@@ -173,7 +173,8 @@ def read_quantized(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
-        tensors = load_file(str(path))
+        # Fresh, aligned copies: the packed int8/int4 kernels can crash on tensors left inside the file mapping.
+        tensors = {key: tensor.clone() for key, tensor in load_file(str(path)).items()}
     except (OSError, ValueError, RuntimeError) as exc:
         raise CorruptFileError(f"{path}: cannot read as safetensors: {exc}") from None
     if METADATA_KEY not in metadata:
