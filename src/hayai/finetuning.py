@@ -323,11 +323,14 @@ def exact_match(model: nn.Module, tokenizer: Tokenizer, records: Sequence[Record
     was_training = model.training
     model.eval()
     engine = Engine(AutocastLM(model, autocast_dtype) if autocast_dtype is not None else model, tokenizer)
-    # Batches of equal-length prompts: no padding to compute, and every row writes the same cache slots.
+    # Prompts sorted by length, so batches carry little padding. Under autocast, a batch holds prompts of one
+    # length only: every row then writes the same KV-cache slots (the cache's per-row scatter needs k/v in the
+    # cache dtype, which rotary embedding in fp32 does not give).
     order = sorted(range(len(records)), key=lambda i: (len(prompts[i]), i))
     groups: list[list[int]] = []
     for i in order:
-        if groups and len(groups[-1]) < batch_size and len(prompts[groups[-1][0]]) == len(prompts[i]):
+        same = autocast_dtype is None or (groups and len(prompts[groups[-1][0]]) == len(prompts[i]))
+        if groups and len(groups[-1]) < batch_size and same:
             groups[-1].append(i)
         else:
             groups.append([i])

@@ -27,6 +27,9 @@ def plot_loss_curve(losses: Sequence[float], eval_losses: Sequence[tuple[int, fl
         ax.plot(steps, smooth, lw=2, alpha=0.8, label=f"train, mean of {window} steps")
     if eval_losses:
         ax.plot([s for s, _ in eval_losses], [v for _, v in eval_losses], "o-", lw=1.5, label="eval")
+    values = [v for v in (*losses, *(v for _, v in eval_losses)) if v > 0]
+    if values and max(values) / min(values) > 30:
+        ax.set_yscale("log")  # a loss falling by orders of magnitude is flat on a linear scale
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.set_title(title)
