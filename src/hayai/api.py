@@ -111,7 +111,7 @@ class _Remembering(TextStream):
 
 def load(name_or_path: str | None = None, *, dtype: str | torch.dtype = "auto", device: str = "auto",
          threads: int | None = None, verify: bool = True, progress: Progress | None = None,
-         adapter: str | None = None, quant: str | None = None, group_size: int = 64,
+         adapter: str | None = None, quant: str | None = None, group_size: int | None = None,
          compile: bool = False) -> LLM:
     """Load a model: a store name, a known name (pulled on first use), an HF checkpoint dir or a .gguf file.
 

@@ -19,7 +19,7 @@ ThreadsOption = typer.Option(None, "--threads", help="CPU threads (default: phys
 AdapterOption = typer.Option(None, "--adapter", help="A PEFT adapter directory (e.g. from hayai finetune) to apply.")
 QuantOption = typer.Option(None, "--quant", help="Quantize the weights after loading: int8 or int4 "
                                                 "(or load a copy saved by `hayai quantize`).")
-GroupSizeOption = typer.Option(64, "--group-size", help="int4 group size (32, 64, 128).")
+GroupSizeOption = typer.Option(None, "--group-size", help="int4 group size (32, 64, 128; default 32).")
 CompileOption = typer.Option(False, "--compile", help="torch.compile the decode step (the first use compiles).")
 SpeculateOption = typer.Option(None, "--speculate", help="Lossless faster decoding: lookup, draft (with --draft), "
                                                         "self, lookahead or jacobi.")
@@ -30,7 +30,7 @@ ExitLayerOption = typer.Option(None, "--exit-layer", help="--speculate self: dra
 
 
 def load_llm(model: str | None, dtype: str, device: str, threads: int | None, adapter: str | None = None,
-             quant: str | None = None, group_size: int = 64, compile: bool = False) -> LLM:
+             quant: str | None = None, group_size: int | None = None, compile: bool = False) -> LLM:
     from hayai.api import load
     from hayai.cli.progress import progress_bar
 

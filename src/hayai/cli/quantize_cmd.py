@@ -12,7 +12,7 @@ def quantize(
     model: str = typer.Argument(None, help="Store name, known name, HF checkpoint dir or .gguf file "
                                            "(default: the default model)."),
     method: str = typer.Option("int4", "--method", help="int8 (per channel) or int4 (group-wise)."),
-    group_size: int = typer.Option(64, "--group-size", help="int4: weights per scale/zero group (32, 64, 128)."),
+    group_size: int = typer.Option(None, "--group-size", help="int4: weights per group (32, 64, 128; default 32)."),
     name: str = typer.Option(None, "--name", help="Store name of the quantized copy (default: MODEL-METHOD)."),
     embeddings: bool = typer.Option(True, "--embeddings/--no-embeddings",
                                     help="Also quantize the input embedding table."),

@@ -47,7 +47,8 @@ def early_exit_view(model: CausalLM, exit_layer: int) -> CausalLM:
     return view
 
 
-def quantized_draft(model: CausalLM, exit_layer: int, method: str = "int4", group_size: int = 64) -> CausalLM:
+def quantized_draft(model: CausalLM, exit_layer: int, method: str = "int4",
+                    group_size: int | None = None) -> CausalLM:
     """A quantized copy of the first `exit_layer` blocks, norm and LM head (and embeddings), in the dtype the
     quantized kernels are fast for (bf16 where the CPU has it)."""
     from hayai.quant import quantize_model
@@ -67,7 +68,7 @@ class EarlyExit(DraftModel):
 
     name = "self"
 
-    def __init__(self, exit_layer: int | None = None, quant: str | None = None, group_size: int = 64,
+    def __init__(self, exit_layer: int | None = None, quant: str | None = None, group_size: int | None = None,
                  num_tokens: int = 5, min_confidence: float = 0.0, stop_token_ids: frozenset[int] = frozenset()):
         if quant not in (None, "int8", "int4"):
             raise ConfigError(f"self-speculative quant must be None, 'int8' or 'int4', got {quant!r}")

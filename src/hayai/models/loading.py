@@ -335,14 +335,17 @@ def build_quantized_model(config: ModelConfig, path: Path, *, dtype: torch.dtype
     return model.eval().requires_grad_(False)
 
 
-def quantize_to_store(name_or_path: str | None, method: str, *, group_size: int = 64, name: str | None = None,
+def quantize_to_store(name_or_path: str | None, method: str, *, group_size: int | None = None,
+                      name: str | None = None,
                       embeddings: bool = True, dtype: torch.dtype = torch.float32, force: bool = False,
                       store: ModelStore | None = None, progress: Progress | None = None) -> StoreEntry:
     """Quantize a model (weights rounded in `dtype`, the dtype the kernels will run in) and save it as a new
     store entry that loads directly (`load_model(name)`) without quantizing again."""
     from hayai.quant import quantize_model, save_quantized
     from hayai.quant.base import QuantizedLinear
+    from hayai.quant.int4 import DEFAULT_GROUP_SIZE
 
+    group_size = group_size or DEFAULT_GROUP_SIZE
     store = store or ModelStore()
     directory, info, _ = resolve(name_or_path, store, progress)
     suffix = method if method != "int4" else f"int4-g{group_size}"

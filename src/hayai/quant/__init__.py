@@ -1,7 +1,7 @@
 """hayai.quant: weight formats (int8 / int4 weight-only, NF4 with double quantization) as module replacements.
 
     from hayai.quant import quantize_model, save_quantized, load_quantized
-    summary = quantize_model(model, "int4", group_size=64, embeddings=True)   # in place
+    summary = quantize_model(model, "int4", group_size=32, embeddings=True)   # in place
     save_quantized(model, "model.q4.safetensors", summary.config)
     load_quantized(float_skeleton, "model.q4.safetensors")                     # no re-quantization
 

@@ -25,7 +25,14 @@ from torch import nn
 from hayai.errors import ConfigError
 from hayai.quant import kernels
 from hayai.quant.base import dtype_from_name, dtype_name, float_dtype_of, weight_for_quantization
-from hayai.quant.int4 import MID, Int4Linear, check_group_size, dequantize_int4_groups, quantize_int4_groups
+from hayai.quant.int4 import (
+    DEFAULT_GROUP_SIZE,
+    MID,
+    Int4Linear,
+    check_group_size,
+    dequantize_int4_groups,
+    quantize_int4_groups,
+)
 from hayai.quant.int8 import Int8Linear, dequantize_int8_rows, quantize_int8_rows
 
 
@@ -38,7 +45,7 @@ class QuantizedEmbedding(nn.Module):
     kind = "embedding"
 
     def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None, *, bits: int = 8,
-                 group_size: int = 64, dtype: torch.dtype = torch.float32,
+                 group_size: int = DEFAULT_GROUP_SIZE, dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None) -> None:
         super().__init__()
         if bits not in (4, 8):
@@ -60,7 +67,8 @@ class QuantizedEmbedding(nn.Module):
 
     # -- construction -------------------------------------------------------------------------------------
     @classmethod
-    def from_embedding(cls, embedding: nn.Embedding, *, bits: int = 8, group_size: int = 64) -> QuantizedEmbedding:
+    def from_embedding(cls, embedding: nn.Embedding, *, bits: int = 8,
+                       group_size: int = DEFAULT_GROUP_SIZE) -> QuantizedEmbedding:
         """Quantize a float ``nn.Embedding`` row by row."""
         dtype = float_dtype_of(embedding.weight)
         layer = cls(embedding.num_embeddings, embedding.embedding_dim, embedding.padding_idx, bits=bits,

@@ -24,12 +24,13 @@ from hayai.errors import ConfigError
 from hayai.quant.base import QuantizedLinear, dtype_name, module_bytes
 from hayai.quant.checkpoint import quant_config
 from hayai.quant.embedding import QuantizedEmbedding
+from hayai.quant.int4 import DEFAULT_GROUP_SIZE as INT4_GROUP_SIZE
 from hayai.quant.int4 import Int4Linear, check_group_size
 from hayai.quant.int8 import Int8Linear
+from hayai.quant.nf4 import DEFAULT_BLOCKSIZE as NF4_BLOCKSIZE
 from hayai.quant.nf4 import NF4Linear, check_blocksize
 
 METHODS: dict[str, type[QuantizedLinear]] = {"int8": Int8Linear, "int4": Int4Linear, "nf4": NF4Linear}
-DEFAULT_GROUP_SIZE = 64
 # QLoRA keeps the LM head in 16 bits (qlora.py find_all_linear_names; transformers llm_int8_skip_modules).
 DEFAULT_EXCLUDE: dict[str, tuple[str, ...]] = {"int8": (), "int4": (), "nf4": ("lm_head",)}
 
@@ -103,15 +104,15 @@ def _options(method: str, group_size: int, double_quant: bool,
     return {}
 
 
-def quantize_model(model: nn.Module, method: str, *, group_size: int = DEFAULT_GROUP_SIZE,
+def quantize_model(model: nn.Module, method: str, *, group_size: int | None = None,
                    include: Sequence[str] | None = None, exclude: Sequence[str] | None = None,
                    embeddings: bool = False, double_quant: bool = True, compute_dtype: torch.dtype | None = None,
                    progress: Callable[[int, int], None] | None = None) -> QuantSummary:
     """Quantize ``model``'s linear layers (and embeddings) in place; returns a `QuantSummary`.
 
     Args:
-        method: "int8" (per-channel), "int4" (group-wise, ``group_size``) or "nf4" (QLoRA, blocks of
-            ``group_size``, with ``double_quant`` and an optional ``compute_dtype``).
+        method: "int8" (per-channel), "int4" (group-wise, ``group_size``, default 32) or "nf4" (QLoRA, blocks
+            of ``group_size``, default 64, with ``double_quant`` and an optional ``compute_dtype``).
         include / exclude: module-name patterns (exact, dotted suffix or glob). ``exclude=None`` means the
             method's default: nothing for int8/int4, ``["lm_head"]`` for nf4 (QLoRA keeps the head in float).
         embeddings: also replace ``nn.Embedding`` modules (int8: per-row; int4: group-wise).
@@ -122,6 +123,8 @@ def quantize_model(model: nn.Module, method: str, *, group_size: int = DEFAULT_G
     if embeddings and method == "nf4":
         raise ConfigError("embeddings=True needs method int8 or int4; QLoRA keeps embeddings in float")
     cls = METHODS[method]
+    if group_size is None:
+        group_size = NF4_BLOCKSIZE if method == "nf4" else INT4_GROUP_SIZE
     options = _options(method, group_size, double_quant, compute_dtype)
     exclude = DEFAULT_EXCLUDE[method] if exclude is None else tuple(exclude)
     bytes_before = module_bytes(model)
