@@ -88,12 +88,12 @@ def _timed(step, warmup: int, steps: int, tokens_per_step: list[int]) -> dict:
 def run_hayai(options: dict, args: argparse.Namespace) -> dict:
     import torch
 
-    from hayai.finetuning import FinetuneConfig, build_update_rule, prepare_model
     from hayai.models.loading import load_model
     from hayai.peft import trainable_parameters_summary
     from hayai.train.checkpointing import apply_activation_checkpointing
     from hayai.train.loss import ChunkedCrossEntropy, FullCrossEntropy
     from hayai.train.precision import resolve_autocast
+    from hayai.train.recipe import FinetuneConfig, build_update_rule, prepare_model
     from hayai.train.schedule import LRSchedule
     from hayai.train.trainer import Trainer
 

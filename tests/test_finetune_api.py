@@ -132,9 +132,9 @@ def test_a_run_that_cannot_fit_is_refused_before_training(checkpoint, data, tmp_
 
 
 def test_checkpointing_turns_on_only_when_needed(checkpoint, data, tmp_path, monkeypatch):
-    import hayai.finetuning as finetuning
+    import hayai.train.recipe as recipe
 
-    monkeypatch.setattr(finetuning, "current_rss_bytes", lambda: 100 * 2**20)  # a steady process size
+    monkeypatch.setattr(recipe, "current_rss_bytes", lambda: 100 * 2**20)  # a steady process size
     plans = {}
     for checkpointing in (False, True):
         events = []

@@ -17,7 +17,7 @@ AdamW. Measured per method:
 - energy over the training phase where readable; trainable parameters; hayai's own memory estimate.
 
 Methods: full (AdamW), LOMO, AdaLomo, LoRA, QLoRA, (IA)³, LoRA with activation checkpointing, and any further
-method `hayai.finetuning.METHODS` lists.
+method `hayai.train.recipe.METHODS` lists.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def plan_techniques(methods: tuple[str, ...] | None = None,
     """Full fine-tuning first (the baseline), then every other method, then LoRA with checkpointing; with
     `only`, the baseline and the techniques whose keys are listed."""
     if methods is None:
-        from hayai.finetuning import METHODS
+        from hayai.train.recipe import METHODS
 
         methods = METHODS
     runs = [FinetuneTechnique(f"{NAMES['full']} (baseline)", "baseline", "full", description=DESCRIPTIONS["full"])]
@@ -128,19 +128,13 @@ def measure_finetune(technique: FinetuneTechnique, settings: FinetuneSettings,
 
     from hayai.bench.energy import EnergyMeter
     from hayai.bench.memory import PeakRSS, peak_rss_bytes, release_memory
-    from hayai.finetuning import (
-        FinetuneConfig,
-        build_update_rule,
-        exact_match,
-        plan_memory,
-        prepare_model,
-        resolve_autocast,
-    )
     from hayai.models.loading import load_model
     from hayai.peft import trainable_parameters_summary
     from hayai.runtime import configure_threads, resolve_device
     from hayai.train.data import DataLoader, read_jsonl, tokenize_records
     from hayai.train.loss import ChunkedCrossEntropy
+    from hayai.train.precision import resolve_autocast
+    from hayai.train.recipe import FinetuneConfig, build_update_rule, exact_match, plan_memory, prepare_model
     from hayai.train.schedule import LRSchedule
     from hayai.train.trainer import Trainer
 

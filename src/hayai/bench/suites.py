@@ -255,7 +255,7 @@ def count_techniques(options: BenchOptions, methods: tuple[str, ...] | None = No
 def technique_keys(methods: tuple[str, ...] | None = None) -> tuple[str, ...]:
     """Every name `only` accepts: weight formats, decoding strategies, finetune methods."""
     if methods is None:
-        from hayai.finetuning import METHODS
+        from hayai.train.recipe import METHODS
 
         methods = tuple(METHODS)
     return tuple(dict.fromkeys((*generate_suite.KEYS, *finetune_suite.technique_keys(methods))))
@@ -299,7 +299,7 @@ def run_bench(options: BenchOptions, callback: Callable[[BenchEvent], None] | No
     data = load_bench_data(options.data)
     run.context["threads"] = configure_threads(options.threads)
     run.context["config"] = ModelConfig.from_file(directory / "config.json")
-    from hayai.finetuning import METHODS
+    from hayai.train.recipe import METHODS
 
     run.context["finetune_methods"] = tuple(METHODS)
     methods = run.context.get("finetune_methods")
