@@ -121,3 +121,15 @@ def test_truncate_cannot_grow_a_row(model):
     cache = model.new_cache(1, 8)
     with pytest.raises(ValueError, match="cannot truncate"):
         cache.truncate(3)
+
+
+def test_ragged_rows_accept_keys_in_another_dtype():
+    """Under autocast, rotary embedding hands fp32 keys to a bf16 cache: both write paths cast them."""
+    cache = KVCache(1, 2, 1, 8, 4, torch.bfloat16)
+    cache.lengths = [2, 5]  # rows at different lengths: the per-row scatter path
+    cache.plan(1)
+    k, v = torch.randn(2, 1, 1, 4), torch.randn(2, 1, 1, 4)
+    keys, values = cache.update(0, k, v)
+    cache.commit()
+    assert keys.dtype == torch.bfloat16 and cache.lengths == [3, 6]
+    assert torch.equal(keys[0, :, 2], k[0, :, 0].bfloat16()) and torch.equal(values[1, :, 5], v[1, :, 0].bfloat16())

@@ -91,8 +91,8 @@ class KVCache:
         else:
             rows = torch.arange(k.shape[0], device=k.device)[:, None]  # [B, 1]
             # Advanced indexing keys[rows, :, positions] has shape [B, T, H_kv, D].
-            keys[rows, :, plan.positions] = k.transpose(1, 2)
-            values[rows, :, plan.positions] = v.transpose(1, 2)
+            keys[rows, :, plan.positions] = k.transpose(1, 2).to(keys.dtype)
+            values[rows, :, plan.positions] = v.transpose(1, 2).to(values.dtype)
         return keys[:, :, :plan.extent], values[:, :, :plan.extent]
 
     def commit(self) -> None:
