@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import hayai.runtime as runtime
 import hayai.train.precision as precision
 from hayai.errors import ConfigError
 
@@ -15,9 +16,10 @@ from hayai.errors import ConfigError
     (True, 0.6, None),  # "native" but slower here (seen on VMs): fp32
 ])
 def test_auto_on_cpu_needs_the_flag_and_a_measured_speedup(monkeypatch, flag, speedup, expected):
-    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: flag)
-    monkeypatch.setattr(precision, "bf16_speedup", lambda: speedup)
+    monkeypatch.setattr(runtime, "cpu_has_bf16_instructions", lambda: flag)
+    monkeypatch.setattr(runtime, "bf16_speedup", lambda m: speedup)
     assert precision.resolve_autocast("auto", torch.device("cpu")) == expected
+    assert runtime.resolve_dtype("auto", torch.device("cpu")) == (expected or torch.float32)
 
 
 def test_explicit_choices_and_errors():
@@ -29,5 +31,4 @@ def test_explicit_choices_and_errors():
 
 
 def test_the_probe_measures_a_positive_ratio():
-    precision.bf16_speedup.cache_clear()
-    assert precision.bf16_speedup(m=16, k=32, n=32, rounds=2) > 0
+    assert runtime.bf16_speedup(m=16, k=32, n=32, rounds=2) > 0

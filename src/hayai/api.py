@@ -115,7 +115,8 @@ def load(name_or_path: str | None = None, *, dtype: str | torch.dtype = "auto", 
          compile: bool = False) -> LLM:
     """Load a model: a store name, a known name (pulled on first use), an HF checkpoint dir or a .gguf file.
 
-    dtype "auto" is bf16 on GPUs and on CPUs with native bf16 (AVX512-BF16/AMX), fp32 elsewhere.
+    dtype "auto" is bf16 on GPUs; on CPU bf16 where this CPU runs a bf16 decode matmul at least as fast as fp32
+    (measured once, ~10 ms), fp32 elsewhere.
     `adapter` is a PEFT-format adapter directory (LoRA or (IA)³, e.g. from `hayai finetune`) applied on top.
     `quant` ("int8" or "int4", groups of `group_size`) quantizes the weights after loading (`hayai quantize`
     stores a quantized copy instead); the packed kernels are fast with bf16 activations.

@@ -5,9 +5,11 @@ This is the bottom layer: tensors and the operating system only, no models.
 
 from __future__ import annotations
 
+import functools
 import os
 import resource
 import sys
+import time
 
 import torch
 
@@ -58,10 +60,35 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-def cpu_has_fast_bf16() -> bool:
-    """True where the CPU computes bf16 natively (AVX512-BF16 or AMX), so bf16 halves bytes without a slowdown."""
-    flags = cpu_flags()
-    return bool({"avx512_bf16", "amx_bf16"} & flags)
+def cpu_has_bf16_instructions() -> bool:
+    """True where the CPU reports native bf16 instructions (AVX512-BF16 or AMX). A flag, not a promise of speed:
+    on some virtual machines that report AVX512-BF16, oneDNN's bf16 kernels run well below their fp32 speed, so
+    `bf16_speedup` measures before bf16 is chosen for speed."""
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
+@functools.cache
+def bf16_speedup(m: int = 256, k: int = 576, n: int = 1536, rounds: int = 7) -> float:
+    """How many times faster a bf16 [m, k] x [k, n] linear runs than an fp32 one on this CPU (m=1 is the decode
+    shape, larger m the prefill/training shape). The two are timed alternately `rounds` times and the fastest of
+    each is compared, which is robust to interference from other processes. About 10-50 ms; cached."""
+    generator = torch.Generator().manual_seed(0)
+    x, w = torch.randn(m, k, generator=generator), torch.randn(n, k, generator=generator)
+    xb, wb = x.bfloat16(), w.bfloat16()
+    best = {"fp32": float("inf"), "bf16": float("inf")}
+    torch.nn.functional.linear(x, w), torch.nn.functional.linear(xb, wb)  # warm-up (oneDNN primitive creation)
+    for _ in range(rounds):
+        for name, (a, b) in (("fp32", (x, w)), ("bf16", (xb, wb))):
+            start = time.perf_counter()
+            torch.nn.functional.linear(a, b)
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best["fp32"] / best["bf16"]
+
+
+def cpu_bf16_pays(m: int = 256, min_ratio: float = 0.95) -> bool:
+    """bf16 on this CPU is worth it for [m, ·] matmuls: native instructions and measured at least `min_ratio`
+    times the fp32 speed (bf16 halves the bytes, so parity is already a memory win)."""
+    return cpu_has_bf16_instructions() and bf16_speedup(m=m) >= min_ratio
 
 
 _DTYPES = {
@@ -75,13 +102,14 @@ _DTYPES = {
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """'auto' is bf16 on GPUs and on CPUs with native bf16, fp32 elsewhere."""
+    """'auto' is bf16 on GPUs (fp16 where bf16 is unsupported); on CPU bf16 where a decode-shaped bf16 matmul
+    is measured at least as fast as fp32 (`cpu_bf16_pays(m=1)`), fp32 elsewhere."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype is None or dtype == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+        return torch.bfloat16 if cpu_bf16_pays(m=1) else torch.float32
     try:
         return _DTYPES[dtype]
     except KeyError:

@@ -10,34 +10,12 @@ as fp32. Trainable parameters (adapters) stay fp32 either way; the loss is compu
 
 from __future__ import annotations
 
-import time
-from functools import cache
-
 import torch
-import torch.nn.functional as F
 
 from hayai.errors import ConfigError
-from hayai.runtime import cpu_has_fast_bf16
+from hayai.runtime import cpu_bf16_pays
 
 CHOICES = ("auto", "bf16", "none")
-
-
-@cache
-def bf16_speedup(m: int = 256, k: int = 576, n: int = 1536, rounds: int = 7) -> float:
-    """How many times faster a bf16 [m, k] x [k, n] linear runs than an fp32 one on this CPU: the two are timed
-    alternately `rounds` times and the fastest of each is compared (robust to interference from other
-    processes). Cached for the process."""
-    generator = torch.Generator().manual_seed(0)
-    x, w = torch.randn(m, k, generator=generator), torch.randn(n, k, generator=generator)
-    xb, wb = x.bfloat16(), w.bfloat16()
-    best = {"fp32": float("inf"), "bf16": float("inf")}
-    F.linear(x, w), F.linear(xb, wb)  # warm-up (oneDNN primitive creation)
-    for _ in range(rounds):
-        for name, (a, b) in (("fp32", (x, w)), ("bf16", (xb, wb))):
-            start = time.perf_counter()
-            F.linear(a, b)
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best["fp32"] / best["bf16"]
 
 
 def resolve_autocast(choice: str, device: torch.device, min_ratio: float = 0.95) -> torch.dtype | None:
@@ -52,6 +30,6 @@ def resolve_autocast(choice: str, device: torch.device, min_ratio: float = 0.95)
         return torch.bfloat16
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    if device.type == "cpu" and cpu_has_fast_bf16() and bf16_speedup() >= min_ratio:
+    if device.type == "cpu" and cpu_bf16_pays(m=256, min_ratio=min_ratio):
         return torch.bfloat16
     return None
