@@ -135,7 +135,7 @@ def test_existing_entries_are_not_overwritten_without_force(hayai_home, tiny_ggu
 def test_not_a_gguf_file_is_a_clear_error(hayai_home, tmp_path):
     bogus = tmp_path / "bogus.gguf"
     bogus.write_bytes(b"not a gguf at all")
-    with pytest.raises(CorruptFileError, match="bogus.gguf"):
+    with pytest.raises(CorruptFileError, match=r"bogus\.gguf"):
         pull(str(bogus))
 
 

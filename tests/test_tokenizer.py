@@ -9,7 +9,8 @@ from transformers import PreTrainedTokenizerFast
 from hayai.errors import HayaiError
 from hayai.models.tokenizer import ChatTemplate, IncrementalDecoder, Tokenizer, TokenizerConfig
 
-TEXTS = ["Hello world! 12345", "  two  spaces\n\nand lines\ttab", "naïve café 日本語 🎉", "def add(a, b): return a+b", ""]
+TEXTS = ["Hello world! 12345", "  two  spaces\n\nand lines\ttab", "naïve café 日本語 🎉", "def add(a, b): return a+b",
+         ""]
 
 LLAMA3_LIKE = (
     "{{ bos_token }}{% for message in messages %}{% if loop.index0 == 0 and message['role'] == 'system' %}"

@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers
 
-from hayai.models.loading import KNOWN_MODELS, DEFAULT_MODEL, _download_wheel, _extract_member
+from hayai.models.loading import DEFAULT_MODEL, KNOWN_MODELS, _download_wheel, _extract_member
 
 pytestmark = pytest.mark.integration
 
