@@ -24,7 +24,7 @@ Targets: blocked peak memory at 16k <= 0.1x naive; blocked memory grows linearly
 (growth exponent between the two longest lengths <= 1.2; naive grows with exponent 2).
 
 Usage:
-    python benchmarks/attention.py [--quick] [--cap-gb 8] [--plot out/attention_memory.png]
+    python benchmarks/attention.py [--quick] [--cap-gb 8] [--plot benchmarks/results/attention.png]
 
 A LongLoRA training-step section (S²-Attn vs full attention) is to be added as a second entry of SECTIONS.
 """
@@ -35,7 +35,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -319,8 +318,11 @@ def kernels_section(args: argparse.Namespace) -> bool:
     print_table(results)
     ok = check_targets(results)
     if args.json:
+        from hayai.bench.hardware import describe
+
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps([asdict(r) for r in results], indent=1))
+        Path(args.json).write_text(json.dumps({"hardware": describe(), "threads": args.threads,
+                                               "results": [asdict(r) for r in results]}, indent=1))
     written = plot(results, Path(args.plot))
     print(f"plot: {written}" if written else "plot: matplotlib not installed, skipped")
     return ok
@@ -332,20 +334,6 @@ SECTIONS: dict[str, Callable[[argparse.Namespace], bool]] = {"kernels": kernels_
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def hardware_line() -> str:
-    import torch
-
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GB
-    return f"{model}, {cpus} CPUs available, {mem:.0f} GB RAM, torch {torch.__version__}"
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--section", choices=["all", *SECTIONS], default="all")
@@ -355,8 +343,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="timed calls per configuration (median reported)")
     p.add_argument("--time-budget", type=float, default=20.0, help="stop repeating after this many seconds")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: physical cores)")
-    p.add_argument("--plot", default="out/attention_memory.png", help="PNG of memory vs length")
-    p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--plot", default="benchmarks/results/attention.png", help="PNG of memory and time vs length")
+    p.add_argument("--json", default="benchmarks/results/attention.json", help="results and hardware ('' skips)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.threads is None:
@@ -372,7 +360,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(worker(**spec)))
         return 0
     args = parse_args(argv)
-    print(f"hardware: {hardware_line()}, {args.threads} torch threads")
+    from hayai.bench.hardware import one_line
+
+    print(f"hardware: {one_line()}; each measurement runs in a fresh process with {args.threads} torch threads")
     print(f"shape: batch {BATCH}, {HEADS} query heads, {KV_HEADS} kv heads, head_dim {HEAD_DIM}, fp32, causal")
     ok = True
     for name, section in SECTIONS.items():

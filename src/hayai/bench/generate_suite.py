@@ -120,9 +120,9 @@ def build_strategy(decoding: str, model: Any, tokenizer: Any, settings: Generate
     if decoding == "autoregressive":
         return None, model
     if decoding == "compiled":
-        from hayai.decode.compiled import CompiledLM
+        from hayai.decode.compiled import compile_decode
 
-        return None, CompiledLM(model)
+        return None, compile_decode(model)
     if decoding == "lookahead":
         from hayai.decode.lookahead import LookaheadDecoding
 
