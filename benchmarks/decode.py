@@ -157,12 +157,9 @@ class ModeResult:
 def load_weights(kind: str):
     if kind == "fp32":
         return hayai.load(dtype="fp32")
-    llm = hayai.load(dtype="bf16")
     if kind in ("int8", "int4"):
-        from hayai.quant import quantize_model
-
-        quantize_model(llm.model, kind, group_size=64, embeddings=True)
-    return llm
+        return hayai.load(quant=kind)  # default group size; activations in the dtype the kernels are fast in
+    return hayai.load(dtype="bf16")
 
 
 def make_strategy(name: str, model, draft):

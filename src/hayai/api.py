@@ -116,7 +116,8 @@ def load(name_or_path: str | None = None, *, dtype: str | torch.dtype = "auto", 
     """Load a model: a store name, a known name (pulled on first use), an HF checkpoint dir or a .gguf file.
 
     dtype "auto" is bf16 on GPUs; on CPU bf16 where this CPU runs a bf16 decode matmul at least as fast as fp32
-    (measured once, ~10 ms), fp32 elsewhere.
+    (measured once, ~10 ms), fp32 elsewhere; int8/int4 weights (`quant`, or a `hayai quantize` store entry) run
+    with the activations their packed kernels are fast in (bf16).
     `adapter` is a PEFT-format adapter directory (LoRA or (IA)³, e.g. from `hayai finetune`) applied on top.
     `quant` ("int8" or "int4", groups of `group_size`) quantizes the weights after loading (`hayai quantize`
     stores a quantized copy instead); the packed kernels are fast with bf16 activations.
@@ -124,8 +125,14 @@ def load(name_or_path: str | None = None, *, dtype: str | torch.dtype = "auto", 
     (`hayai.decode.compiled`; the first call compiles)."""
     configure_threads(threads)
     target = resolve_device(device)
-    model, tokenizer, info = load_model(name_or_path, dtype=resolve_dtype(dtype, target), device=target,
-                                        verify=verify, progress=progress)
+    auto = dtype in (None, "auto")
+    resolved = resolve_dtype(dtype, target)
+    if auto and quant is not None:
+        from hayai.quant import preferred_activation_dtype
+
+        resolved = preferred_activation_dtype(quant, target.type) or resolved
+    model, tokenizer, info = load_model(name_or_path, dtype=resolved, device=target, verify=verify,
+                                        progress=progress)
     if adapter is not None:
         from hayai.peft import load_adapter
 
@@ -134,8 +141,18 @@ def load(name_or_path: str | None = None, *, dtype: str | torch.dtype = "auto", 
         from hayai.quant import quantize_model
 
         quantize_model(model, quant, group_size=group_size, embeddings=quant in ("int8", "int4"))
+    elif auto:
+        model = _in_kernel_dtype(model)
     if compile:
         from hayai.decode.compiled import compile_decode
 
         model = compile_decode(model)
     return LLM(model, tokenizer, info)
+
+
+def _in_kernel_dtype(model: torch.nn.Module) -> torch.nn.Module:
+    """A model stored quantized (`hayai quantize`) cast to the activation dtype its packed kernels are fast in."""
+    from hayai.quant import model_activation_dtype
+
+    preferred = model_activation_dtype(model)
+    return model.to(preferred) if preferred is not None and preferred != model.dtype else model

@@ -100,16 +100,14 @@ def apply_weights(model: Any, weights: str, device: Any) -> dict[str, Any]:
         return {"dtype": weights}
     if weights not in WEIGHT_FORMATS:
         raise ConfigError(f"unknown weight format {weights!r}; choose one of {', '.join(WEIGHT_FORMATS)}")
-    from hayai.quant import quantize_model
+    from hayai.quant import preferred_activation_dtype, quantize_model
 
     notes = []
-    if weights in ("int8", "int4"):
-        from hayai.quant.kernels import int4_kernel_usable, int8_kernel_usable
-
-        usable = int4_kernel_usable if weights == "int4" else int8_kernel_usable
-        if not usable(device.type, model.dtype) and usable(device.type, torch.bfloat16):
-            model.to(torch.bfloat16)
-            notes.append(f"computes in bf16: the {weights} kernels are fast for bf16 activations here")
+    kernel_dtype = preferred_activation_dtype(weights, device.type)
+    if kernel_dtype is not None and kernel_dtype != model.dtype:
+        model.to(kernel_dtype)
+        notes.append(f"computes in {str(kernel_dtype).removeprefix('torch.')}: the {weights} kernels are fast for "
+                     "those activations here")
     summary = quantize_model(model, weights, embeddings=weights in ("int8", "int4"))
     return {"bytes_before": summary.bytes_before, "bytes_after": summary.bytes_after,
             "replaced": len(summary.replaced), "skipped": len(summary.skipped), "notes": notes + summary.notes}

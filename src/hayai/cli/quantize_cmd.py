@@ -28,7 +28,11 @@ def quantize(
 
     if method not in ("int8", "int4"):
         raise ConfigError(f"--method must be int8 or int4, got {method!r}")
+    from hayai.quant import preferred_activation_dtype
+
     resolved = resolve_dtype(dtype, resolve_device("cpu"))
+    if dtype == "auto":
+        resolved = preferred_activation_dtype(method, "cpu") or resolved
     with progress_bar() as progress:
         entry = quantize_to_store(model, method, group_size=group_size, name=name, embeddings=embeddings,
                                   dtype=resolved, force=force, progress=progress)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 
-import torch
 from torch import nn
 
 from hayai.decode.draft_model import DraftModel
@@ -51,14 +50,12 @@ def quantized_draft(model: CausalLM, exit_layer: int, method: str = "int4",
                     group_size: int | None = None) -> CausalLM:
     """A quantized copy of the first `exit_layer` blocks, norm and LM head (and embeddings), in the dtype the
     quantized kernels are fast for (bf16 where the CPU has it)."""
-    from hayai.quant import quantize_model
-    from hayai.quant.kernels import int4_kernel_usable, int8_kernel_usable
+    from hayai.quant import preferred_activation_dtype, quantize_model
 
     draft = copy.deepcopy(early_exit_view(model, exit_layer))
-    device = model.device
-    usable = int4_kernel_usable if method == "int4" else int8_kernel_usable
-    if usable(device.type, torch.bfloat16):
-        draft.to(torch.bfloat16)
+    kernel_dtype = preferred_activation_dtype(method, model.device.type)
+    if kernel_dtype is not None:
+        draft.to(kernel_dtype)
     quantize_model(draft, method, group_size=group_size, embeddings=True)
     return draft
 

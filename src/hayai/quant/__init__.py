@@ -14,8 +14,9 @@ from hayai.quant.double_quant import double_dequantize, double_quantize, dynamic
 from hayai.quant.embedding import QuantizedEmbedding
 from hayai.quant.int4 import Int4Linear
 from hayai.quant.int8 import Int8Linear
+from hayai.quant.kernels import preferred_activation_dtype
 from hayai.quant.nf4 import NF4_CODE, NF4Linear, dequantize_nf4, nf4_bits_per_parameter, quantize_nf4
-from hayai.quant.transform import METHODS, QuantSummary, quantize_model
+from hayai.quant.transform import METHODS, QuantSummary, model_activation_dtype, quantize_model
 
 __all__ = [
     "METHODS",
@@ -31,7 +32,9 @@ __all__ = [
     "double_quantize",
     "dynamic_map",
     "load_quantized",
+    "model_activation_dtype",
     "nf4_bits_per_parameter",
+    "preferred_activation_dtype",
     "quant_config",
     "quantize_model",
     "quantize_nf4",

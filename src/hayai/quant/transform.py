@@ -199,3 +199,17 @@ def _quantize_embedding(name: str, embedding: nn.Embedding, method: str, group_s
 
 def _json_options(options: dict[str, Any]) -> dict[str, Any]:
     return {k: (dtype_name(v) if isinstance(v, torch.dtype) else v) for k, v in options.items()}
+
+
+def model_activation_dtype(model: nn.Module) -> torch.dtype | None:
+    """The activation dtype the packed kernels of `model`'s quantized layers are fast in (see
+    `kernels.preferred_activation_dtype`), or None where no quantized layer has a preference."""
+    from hayai.quant.kernels import preferred_activation_dtype
+
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            device = next((b.device for b in module.buffers()), torch.device("cpu"))
+            preferred = preferred_activation_dtype(module.kind, device.type)
+            if preferred is not None:
+                return preferred
+    return None
