@@ -203,7 +203,7 @@ def measure_generate(technique: GenerateTechnique, settings: GenerateSettings,
 
     if technique.kind in ("baseline", "weights"):  # decoding strategies keep their weights' perplexity
         ids = _perplexity_ids(settings.perplexity_records, tokenizer, settings.perplexity_tokens)
-        window = min(settings.window, model.config.max_position_embeddings)
+        window = min(settings.window, model.config.context_window)
         out["perplexity"] = perplexity(model, ids, window=window, progress=lambda d, t: report("perplexity", d, t))
         out["perplexity_tokens"] = len(ids)
 

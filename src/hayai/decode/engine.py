@@ -177,7 +177,7 @@ class Engine:
 
     @property
     def context_length(self) -> int:
-        return self.model.config.max_position_embeddings
+        return self.model.config.context_window
 
     def refresh_weight_bytes(self) -> None:
         """Recount the bytes a decode step reads (after quantizing or adding adapters)."""

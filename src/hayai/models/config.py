@@ -104,6 +104,16 @@ class ModelConfig:
         return SUPPORTED_ARCHITECTURES[self.architecture][0]
 
     @property
+    def context_window(self) -> int:
+        """Positions the model may attend over: max_position_embeddings, times the factor under dynamic NTK
+        scaling, which (as in transformers) keeps max_position_embeddings at the window the weights were trained
+        on and rescales RoPE only beyond it."""
+        scaling = self.rope_scaling
+        if scaling.rope_type == "dynamic" and not scaling.original_max_position_embeddings:
+            return int(self.max_position_embeddings * scaling.factor)
+        return self.max_position_embeddings
+
+    @property
     def kv_groups(self) -> int:
         return self.num_attention_heads // self.num_key_value_heads
 

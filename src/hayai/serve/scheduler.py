@@ -200,7 +200,7 @@ class Scheduler:
             raise ConfigError(f"max_queue must be >= 0, got {max_queue}")
         if prefill_chunk < 1:
             raise ConfigError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
-        context = model.config.max_position_embeddings
+        context = model.config.context_window
         if max_length is not None and not 1 < max_length <= context:
             raise ConfigError(f"max_length must be in 2..{context} (the model's context window), got {max_length}")
         self.model = model
