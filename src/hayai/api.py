@@ -134,8 +134,10 @@ def load(name_or_path: str | None = None, *, dtype: str | torch.dtype = "auto", 
     model, tokenizer, info = load_model(name_or_path, dtype=resolved, device=target, verify=verify,
                                         progress=progress)
     if adapter is not None:
+        from hayai.finetuning import apply_saved_context
         from hayai.peft import load_adapter
 
+        apply_saved_context(model, adapter)  # an adapter trained with `--context` needs its RoPE scaling
         load_adapter(model, adapter)
     if quant is not None:
         from hayai.quant import quantize_model

@@ -166,7 +166,8 @@ def finetune(model: str | None = None, data: str | os.PathLike | None = None, *,
     _emit(callback, "stage", message="tokenizing the data")
     train_tok = tokenize_records(train_data.records, tokenizer, config.seq_len, config.train_on_prompt)
     loader = DataLoader(train_tok.examples, batch_size=config.batch_size, seq_len=config.seq_len,
-                        pad_id=tokenizer.pad_token_id, packing=config.packing, seed=config.seed)
+                        pad_id=tokenizer.pad_token_id, packing=config.packing, seed=config.seed,
+                        fixed_width=config.method == "longlora")
     eval_loader = None
     if eval_records:
         eval_tok = tokenize_records(eval_records, tokenizer, config.seq_len, config.train_on_prompt)
@@ -280,6 +281,7 @@ def merge_adapter(model: str | None, adapter: str | os.PathLike, output: str | o
     if base_quant not in (None, "none", "nf4"):
         raise ConfigError(f"base_quant must be nf4, none or auto, got {base_quant!r}")
     net, tokenizer, _ = load_model(model, dtype=torch.float32)
+    apply_saved_context(net, adapter)
     if base_quant == "nf4":
         from hayai.quant import quantize_model
 
@@ -287,3 +289,15 @@ def merge_adapter(model: str | None, adapter: str | os.PathLike, output: str | o
     load_adapter(net, adapter)
     merge_and_unload(net)
     return save_model_directory(net, tokenizer, output, dtype=dtype)
+
+
+def apply_saved_context(model: nn.Module, directory: str | os.PathLike) -> bool:
+    """Extend `model`'s window as the fine-tune that wrote `directory` did (`context`, `rope_scaling` in its
+    metadata); an adapter trained at a longer context is only right on top of the same RoPE scaling. True when
+    the window changed."""
+    settings = read_metadata(directory).get("settings", {})
+    if not settings.get("context"):
+        return False
+    from hayai.models.context_extension import extend_context
+
+    return extend_context(model, int(settings["context"]), settings.get("rope_scaling", "linear"))

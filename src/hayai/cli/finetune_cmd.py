@@ -105,13 +105,21 @@ def finetune(
                               "prompt/completion or text records."),
     output: Path = typer.Option(..., "--output", "-o", help="Directory for the adapter/model, log and checkpoints."),
     model: str = typer.Option(None, "--model", "-m", help="Store name, known name or HF checkpoint dir."),
-    method: str = typer.Option("lora", "--method", help="lora, qlora, ia3, full, lomo or adalomo."),
+    method: str = typer.Option("lora", "--method", help="lora, longlora, qlora, ia3, full, lomo or adalomo "
+                                "(longlora: LoRA + trainable embeddings/norms, trained with S²-Attn)."),
     eval_data: Path = typer.Option(None, "--eval-data", help="Held-out JSONL for evaluation loss (and exact match)."),
     max_steps: int = typer.Option(None, "--max-steps", help="Optimizer steps (default: --epochs over the data)."),
     epochs: float = typer.Option(1.0, "--epochs", help="Passes over the data when --max-steps is not given."),
     batch_size: int = typer.Option(4, "--batch-size", "-b", help="Sequences (packed rows) per micro-batch."),
     grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches per optimizer step."),
-    seq_len: int = typer.Option(512, "--seq-len", help="Tokens per sequence (longer examples are truncated)."),
+    seq_len: int = typer.Option(None, "--seq-len", help="Tokens per sequence (longer examples are truncated; "
+                                "default: --context when given, else 512)."),
+    context: int = typer.Option(None, "--context", help="Extend the model's window to N tokens (RoPE scaling, "
+                                "saved with the output so generate uses it)."),
+    rope_scaling: str = typer.Option("linear", "--rope-scaling", help="How --context extends RoPE: linear "
+                                     "(position interpolation) or dynamic (NTK)."),
+    trainable: str = typer.Option(None, "--trainable", help="Also train these parameters whole, by name "
+                                  "substring (e.g. embed,norm; longlora's default)."),
     lr: float = typer.Option(None, "--lr", help="Peak learning rate (default per method: LoRA 2e-4, IA3 3e-3, "
                              "full 2e-5, LOMO 1e-2, AdaLomo 5e-4)."),
     schedule: str = typer.Option("cosine", "--schedule", help="cosine, linear or constant."),
@@ -158,7 +166,8 @@ def finetune(
         method=method, max_steps=max_steps, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum,
         seq_len=seq_len, lr=lr, schedule=schedule, warmup=int(warmup) if warmup >= 1 else warmup,
         weight_decay=weight_decay, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-        target_modules=targets, use_rslora=rslora, packing=packing, train_on_prompt=train_on_prompt,
+        target_modules=targets, use_rslora=rslora, trainable=trainable, context=context,
+        rope_scaling=rope_scaling, packing=packing, train_on_prompt=train_on_prompt,
         gradient_checkpointing=gradient_checkpointing, autocast=autocast, memory_limit=parse_bytes(memory_limit),
         eval_every=eval_every, save_every=save_every, keep_checkpoints=keep_checkpoints,
         resume=str(resume_from) if resume_from else resume, overwrite=overwrite, skip_bad=skip_bad,

@@ -352,8 +352,9 @@ def block_diagonal_causal_mask(documents: Sequence[Sequence[int]], width: int) -
     return (same & causal)[:, None]
 
 
-def collate(rows: Sequence[Row], pad_id: int, packed: bool) -> Batch:
-    width = max(len(row) for row in rows)
+def collate(rows: Sequence[Row], pad_id: int, packed: bool, width: int | None = None) -> Batch:
+    """Rows right-padded to the longest, or to `width` when given (e.g. S²-Attn needs whole groups)."""
+    width = max(width or 0, max(len(row) for row in rows))
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     positions = torch.zeros((len(rows), width), dtype=torch.long)
@@ -374,7 +375,7 @@ class DataLoader:
     `state_dict()` {"epoch", "batch"}, so a resumed run sees exactly the batches an uninterrupted one would."""
 
     def __init__(self, examples: Sequence[TokenizedExample], *, batch_size: int, seq_len: int, pad_id: int,
-                 packing: bool = True, shuffle: bool = True, seed: int = 0) -> None:
+                 packing: bool = True, shuffle: bool = True, seed: int = 0, fixed_width: bool = False) -> None:
         if not examples:
             raise DataError("no training examples")
         if batch_size < 1:
@@ -386,6 +387,7 @@ class DataLoader:
         self.packing = packing
         self.shuffle = shuffle
         self.seed = seed
+        self.width = seq_len if fixed_width else None  # every batch padded to seq_len
         self.epoch = 0
         self.batch = 0
         self._rows_epoch: int | None = None
@@ -417,12 +419,12 @@ class DataLoader:
             self.epoch, self.batch = self.epoch + 1, 0
             return self.next_batch()
         self.batch += 1
-        return collate(rows[start: start + self.batch_size], self.pad_id, self.packing)
+        return collate(rows[start: start + self.batch_size], self.pad_id, self.packing, self.width)
 
     def epoch_batches(self) -> list[Batch]:
         """Every batch of one pass in order, without moving the position (for evaluation)."""
         rows = self._epoch_rows(0) if not self.shuffle else self._epoch_rows(self.epoch)
-        return [collate(rows[i: i + self.batch_size], self.pad_id, self.packing)
+        return [collate(rows[i: i + self.batch_size], self.pad_id, self.packing, self.width)
                 for i in range(0, len(rows), self.batch_size)]
 
     def state_dict(self) -> dict[str, int]:

@@ -6,6 +6,7 @@ steps without writing anything, which is why they live here, below both.
 
 Methods (see each module for the formula and the paper):
   lora      LoRA on every linear layer (PEFT's "all-linear"), frozen base in the autocast dtype   hayai.peft.lora
+  longlora  LoRA + trainable embeddings and norms, trained with shifted sparse attention (S²-Attn) hayai.attention
   qlora     LoRA over an NF4 (4-bit, double-quantized) frozen base                               hayai.quant.nf4
   ia3       (IA)³ vectors on k, v and the FFN input                                              hayai.peft.ia3
   full      every parameter, AdamW                                                               hayai.train.optim
@@ -41,9 +42,9 @@ from hayai.train.memory import (
 from hayai.train.optim import OptimizerUpdate, UpdateRule
 from hayai.train.trainer import Trainer, trainable_parameters
 
-METHODS = ("lora", "qlora", "ia3", "full", "lomo", "adalomo")
-ADAPTER_METHODS = ("lora", "qlora", "ia3")
-DEFAULT_LR = {"lora": 2e-4, "qlora": 2e-4, "ia3": 3e-3, "full": 2e-5, "lomo": 1e-2, "adalomo": 5e-4}
+METHODS = ("lora", "longlora", "qlora", "ia3", "full", "lomo", "adalomo")
+ADAPTER_METHODS = ("lora", "longlora", "qlora", "ia3")
+DEFAULT_LR = {"lora": 2e-4, "longlora": 2e-4, "qlora": 2e-4, "ia3": 3e-3, "full": 2e-5, "lomo": 1e-2, "adalomo": 5e-4}
 
 
 @dataclass
@@ -52,7 +53,7 @@ class FinetuneConfig:
 
     method: str = "lora"
     # data
-    seq_len: int = 512
+    seq_len: int | None = None  # default: `context` when given, else 512
     packing: bool = True
     train_on_prompt: bool = False
     skip_bad: bool = False
@@ -73,6 +74,11 @@ class FinetuneConfig:
     lora_dropout: float = 0.0  # PEFT's default; dropout keeps an fp32 mask per adapted layer
     target_modules: str | list[str] = "all-linear"
     use_rslora: bool = False
+    trainable: str | None = None  # parameter-name substrings trained whole (longlora default: "embed,norm")
+    # long context
+    context: int | None = None  # extend the window to this many tokens (RoPE scaling saved with the output)
+    rope_scaling: str = "linear"  # linear (position interpolation) | dynamic (NTK)
+    s2_group_ratio: float = 0.25  # longlora: S²-Attn group size as a fraction of the sequence
     # memory
     gradient_checkpointing: bool | None = None  # None: only when needed to fit
     autocast: str = "auto"  # auto (bf16 where it is at least as fast as fp32; see hayai.train.precision) | bf16 | none
@@ -93,6 +99,19 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.seq_len is None:
+            self.seq_len = self.context or 512
+        if self.method == "longlora" and self.trainable is None:
+            self.trainable = "embed,norm"
+        if self.trainable and self.method not in ("lora", "longlora", "qlora"):
+            raise ConfigError(f"trainable applies to LoRA methods, not {self.method}")
+        if not 0 < self.s2_group_ratio <= 1:
+            raise ConfigError(f"s2_group_ratio must be in (0, 1], got {self.s2_group_ratio}")
+        group = int(self.seq_len * self.s2_group_ratio)
+        if self.method == "longlora" and (group < 2 or self.seq_len % group or (group < self.seq_len and group % 2)):
+            raise ConfigError(f"longlora: the S²-Attn group ({self.s2_group_ratio} x seq_len {self.seq_len} = "
+                              f"{group} tokens) must be even and divide seq_len; use a seq_len that is a multiple "
+                              "of 8 with the default ratio 1/4")
         for name in ("seq_len", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -144,15 +163,23 @@ def prepare_model(model: nn.Module, config: FinetuneConfig, autocast_dtype: torc
     from hayai.peft import apply_ia3, apply_lora
 
     method = config.method
+    if config.context is not None:
+        from hayai.models.context_extension import extend_context
+
+        extend_context(model, config.context, config.rope_scaling)
     if method == "qlora":
         from hayai.quant import quantize_model
 
         quantize_model(model, "nf4", double_quant=True)
     elif method in ADAPTER_METHODS and autocast_dtype is not None:
         _cast_frozen_linears(model, autocast_dtype)
-    if method in ("lora", "qlora"):
+    if method in ("lora", "longlora", "qlora"):
         apply_lora(model, target_modules=config.target_modules, r=config.lora_r, alpha=config.lora_alpha,
-                   dropout=config.lora_dropout, use_rslora=config.use_rslora)
+                   dropout=config.lora_dropout, use_rslora=config.use_rslora, trainable=config.trainable)
+        if method == "longlora":
+            from hayai.attention import ShiftedSparseAttention, set_attention_kernel
+
+            set_attention_kernel(model, ShiftedSparseAttention(group_size_ratio=config.s2_group_ratio))
         return "adamw"
     if method == "ia3":
         apply_ia3(model)
