@@ -26,7 +26,12 @@ Targets: blocked peak memory at 16k <= 0.1x naive; blocked memory grows linearly
 Usage:
     python benchmarks/attention.py [--quick] [--cap-gb 8] [--plot benchmarks/results/attention.png]
 
-A LongLoRA training-step section (S²-Attn vs full attention) is to be added as a second entry of SECTIONS.
+Section "longlora": one LoRA training step (forward + backward, r=8 on all linear layers, activation
+checkpointing so 8k tokens fit) of the default model on one random sequence of --longlora-length tokens (8192),
+with full causal attention (SDPA) vs LongLoRA's shifted sparse attention (S²-Attn, groups of T/4, half of the
+heads shifted; `hayai finetune --method longlora`). Each runs in a fresh process (`hayai.bench.memory`): a
+warm-up step, then the median of --longlora-steps timed steps, and the process's peak RSS. Target: S²-Attn step
+time <= 0.5x full attention at 8k.
 """
 
 from __future__ import annotations
@@ -328,7 +333,60 @@ def kernels_section(args: argparse.Namespace) -> bool:
     return ok
 
 
-SECTIONS: dict[str, Callable[[argparse.Namespace], bool]] = {"kernels": kernels_section}
+def longlora_step(method: str, length: int, steps: int) -> dict:
+    """Runs in a fresh process: seconds per LoRA training step at `length` tokens with `method`'s attention."""
+    import statistics
+
+    import torch
+
+    from hayai.models.loading import load_model
+    from hayai.train.checkpointing import apply_activation_checkpointing
+    from hayai.train.data import Row, collate
+    from hayai.train.loss import ChunkedCrossEntropy
+    from hayai.train.recipe import FinetuneConfig, prepare_model
+
+    model, _, _ = load_model(dtype=torch.float32)
+    prepare_model(model, FinetuneConfig(method=method, seq_len=length, autocast="none", trainable=""),
+                  autocast_dtype=None)
+    apply_activation_checkpointing(model)
+    model.train()
+    ids = torch.randint(0, model.config.vocab_size, (length + 1,), generator=torch.Generator().manual_seed(0))
+    batch = collate([Row(tuple(ids[:-1].tolist()), tuple(ids[1:].tolist()), (length,))], pad_id=0, packed=False)
+    loss_fn = ChunkedCrossEntropy()
+    times = []
+    for _ in range(steps + 1):  # the first is a warm-up
+        start = time.perf_counter()
+        hidden = model.hidden(batch.input_ids, positions=batch.positions, mask=batch.mask)
+        loss_fn(model.lm_head, hidden, batch.labels).backward()
+        model.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+    return {"seconds": statistics.median(times[1:]), "all_seconds": times}
+
+
+def longlora_section(args: argparse.Namespace) -> bool:
+    from hayai.bench.memory import run_isolated
+
+    length = args.longlora_length
+    rows = {}
+    for method, label in (("lora", "full attention (SDPA)"), ("longlora", "S²-Attn (LongLoRA)")):
+        result = run_isolated(longlora_step, method, length, args.longlora_steps, threads=args.threads)
+        rows[method] = {"label": label, "seconds": result.value["seconds"], "peak_rss_bytes": result.peak_rss_bytes}
+        print(f"  LoRA step at {length} tokens, {label:22} {result.value['seconds']:8.1f} s   "
+              f"peak RSS {result.peak_rss_bytes / GB:.2f} GB", flush=True)
+    ratio = rows["longlora"]["seconds"] / rows["lora"]["seconds"]
+    ok = ratio <= 0.5
+    print(f"  S²-Attn / full step time: {ratio:.2f}x (target <= 0.5x: {'met' if ok else 'NOT met'})")
+    if args.json:
+        path = Path(args.json).with_name("attention_longlora.json")
+        from hayai.bench.hardware import describe
+
+        path.write_text(json.dumps({"hardware": describe(), "threads": args.threads, "length": length,
+                                    "rows": rows, "ratio": ratio}, indent=1))
+    return ok
+
+
+SECTIONS: dict[str, Callable[[argparse.Namespace], bool]] = {"kernels": kernels_section,
+                                                             "longlora": longlora_section}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -345,6 +403,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: physical cores)")
     p.add_argument("--plot", default="benchmarks/results/attention.png", help="PNG of memory and time vs length")
     p.add_argument("--json", default="benchmarks/results/attention.json", help="results and hardware ('' skips)")
+    p.add_argument("--longlora-length", type=int, default=8192, help="tokens of the LongLoRA training step")
+    p.add_argument("--longlora-steps", type=int, default=1, help="timed LongLoRA steps (after one warm-up)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.threads is None:
