@@ -20,7 +20,8 @@ model: install
 
 # The main job on the default model: a streamed answer with its speed report; the same answer through lossless
 # speculative decoding (prompt lookup); then a 40-step LoRA fine-tune that teaches the model to turn free-text
-# orders into JSON (exact match on 100 held-out orders before and after), and the tuned model answering one.
+# orders into JSON (exact match on 100 held-out orders before and after), and the tuned model answering one;
+# last, `hayai bench --quick`: every technique against the baseline on this machine, report in out/demo-bench.
 ORDER_SYSTEM := Extract the order as JSON with the keys item, quantity, city and date (YYYY-MM-DD).
 demo: model
 	$(BIN)/hayai generate --max-tokens 96 "Explain in two sentences why a smaller model can generate text faster."
@@ -31,6 +32,7 @@ demo: model
 		--lr 1e-3 --lora-r 16 --lora-alpha 32 --warmup 0.1
 	$(BIN)/hayai generate --adapter out/demo-orders --max-tokens 48 --system "$(ORDER_SYSTEM)" \
 		"Could you ship 12 crates of lemons to Oslo before 4 July 2026?"
+	$(BIN)/hayai bench --quick --out out/demo-bench
 
 # The chat page is tested in a real headless browser: Debian's chromium + chromedriver (installed when missing and
 # we may install system packages; otherwise that one test skips and says why).
