@@ -133,7 +133,7 @@ def default_gguf(workdir: Path) -> Path:
 
 
 def has_llama_cpp_server(python: str) -> bool:
-    probe = subprocess.run([python, "-c", "import llama_cpp.server"], capture_output=True)
+    probe = subprocess.run([python, "-c", "import llama_cpp.server.app"], capture_output=True)  # the [server] extra
     return probe.returncode == 0
 
 
