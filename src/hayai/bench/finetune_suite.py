@@ -31,7 +31,7 @@ from typing import Any
 from hayai.bench.report import Detail, TechniqueResult
 
 NAMES = {"full": "full AdamW", "lomo": "LOMO", "adalomo": "AdaLomo", "lora": "LoRA r=8", "qlora": "QLoRA r=8",
-         "ia3": "(IA)³"}
+         "ia3": "(IA)³", "longlora": "LongLoRA r=8 (S²-Attn)"}
 DESCRIPTIONS = {
     "full": "every weight, AdamW (two fp32 moments per weight)",
     "lomo": "every weight, SGD fused into backward (no optimizer state, no full gradient)",
@@ -39,6 +39,7 @@ DESCRIPTIONS = {
     "lora": "LoRA r=8 on every linear layer, frozen base",
     "qlora": "LoRA r=8 over an NF4 double-quantized frozen base",
     "ia3": "(IA)³ scaling vectors on k, v and the FFN",
+    "longlora": "LoRA r=8 + trainable embeddings and norms, shifted sparse attention in training",
 }
 
 
@@ -155,7 +156,8 @@ def measure_finetune(technique: FinetuneTechnique, settings: FinetuneSettings,
     def loader(path: str, shuffle: bool) -> DataLoader:
         examples = tokenize_records(read_jsonl(path).records, tokenizer, config.seq_len).examples
         return DataLoader(examples, batch_size=config.batch_size, seq_len=config.seq_len, pad_id=pad,
-                          packing=config.packing, seed=config.seed, shuffle=shuffle)
+                          packing=config.packing, seed=config.seed, shuffle=shuffle,
+                          fixed_width=config.method == "longlora")
 
     clock = _StepClock(report)
     trainer = Trainer(net, loader(settings.train_file, True), build_update_rule(rule, net, config),
