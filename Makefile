@@ -18,15 +18,16 @@ install: $(STAMP)
 model: install
 	$(BIN)/hayai pull
 
-# The main job on the default model: a streamed answer with its speed report; the same answer through lossless
-# speculative decoding (prompt lookup); then a 40-step LoRA fine-tune that teaches the model to turn free-text
-# orders into JSON (exact match on 100 held-out orders before and after), and the tuned model answering one;
-# last, `hayai bench --quick`: every technique against the baseline on this machine, report in out/demo-bench.
+# The main job on the default model: a streamed answer with its speed report; a code edit through lossless
+# speculative decoding (prompt lookup: the report adds tokens per forward pass); a 40-step LoRA fine-tune that
+# teaches the model to turn free-text orders into JSON (exact match on 100 held-out orders before and after) and
+# the tuned model answering one; last, `hayai bench --quick`: every technique against the baseline on this
+# machine, report in out/demo-bench.
 ORDER_SYSTEM := Extract the order as JSON with the keys item, quantity, city and date (YYYY-MM-DD).
 demo: model
 	$(BIN)/hayai generate --max-tokens 96 "Explain in two sentences why a smaller model can generate text faster."
-	$(BIN)/hayai generate --max-tokens 96 --speculate lookup \
-		"Repeat this sentence exactly: The quick brown fox jumps over the lazy dog near the quiet river bank."
+	printf 'Add a docstring to each function and return the full code.\n\ndef area(width, height):\n    return width * height\n\n\ndef perimeter(width, height):\n    return 2 * (width + height)\n' \
+		| $(BIN)/hayai generate --max-tokens 128 --speculate lookup -
 	$(BIN)/hayai finetune --data examples/finetune/orders_train.jsonl --eval-data examples/finetune/orders_test.jsonl \
 		--exact-match --output out/demo-orders --overwrite --max-steps 40 --batch-size 2 --seq-len 512 \
 		--lr 1e-3 --lora-r 16 --lora-alpha 32 --warmup 0.1
