@@ -105,3 +105,20 @@ def test_state_dict_round_trip_and_config():
     assert torch.equal(empty(x), layer(x))
     assert layer.config() == {"kind": "int8", "dtype": "bfloat16"}
     assert layer.bits_per_weight() == pytest.approx(8 + 16 / 64)
+
+
+@pytest.mark.parametrize("layer_type", ["int8", "int4"])
+def test_compiled_forward_traces_the_kernel_probe_once_without_graph_breaks(layer_type):
+    """The kernel probes are constants to torch.compile: a graph break per layer made compiled int8 decoding
+    slower than eager (26.6 vs 46.0 tok/s on the default model)."""
+    from hayai.quant.int4 import Int4Linear
+
+    linear = make_linear(64, 48, dtype=torch.bfloat16)
+    layer = Int8Linear.from_linear(linear) if layer_type == "int8" else Int4Linear.from_linear(linear, group_size=32)
+    x = torch.randn(2, 64, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        expected = layer(x)  # eager first: int4 converts to its kernel layout outside the graph
+        explanation = torch._dynamo.explain(layer)(x)
+        got = torch.compile(layer)(x)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+    assert torch.allclose(got.float(), expected.float(), atol=1e-2)

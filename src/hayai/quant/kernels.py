@@ -55,9 +55,20 @@ def unpack_nibbles(packed: torch.Tensor, dtype: torch.dtype = torch.uint8) -> to
 # ---------------------------------------------------------------------------------------------------------
 # probes
 # ---------------------------------------------------------------------------------------------------------
-@functools.cache
+@torch.compiler.assume_constant_result  # traced once: a compiled graph neither reruns nor breaks on the probe
 def int8_kernel_usable(device_type: str, dtype: torch.dtype) -> bool:
     """Whether ``torch._weight_int8pack_mm`` exists, is correct and fast for activations of this dtype/device."""
+    return _int8_probe(device_type, dtype)
+
+
+@torch.compiler.assume_constant_result
+def int4_kernel_usable(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether the int4 tinygemm kernel exists, is correct and fast for activations of this dtype/device."""
+    return _int4_probe(device_type, dtype)
+
+
+@functools.cache
+def _int8_probe(device_type: str, dtype: torch.dtype) -> bool:
     op = getattr(torch, "_weight_int8pack_mm", None)
     if op is None or dtype not in (torch.float32, torch.bfloat16, torch.float16) or device_type == "meta":
         return False
@@ -76,8 +87,7 @@ def int8_kernel_usable(device_type: str, dtype: torch.dtype) -> bool:
 
 
 @functools.cache
-def int4_kernel_usable(device_type: str, dtype: torch.dtype) -> bool:
-    """Whether the int4 tinygemm kernel exists, is correct and fast for activations of this dtype/device."""
+def _int4_probe(device_type: str, dtype: torch.dtype) -> bool:
     if device_type not in ("cpu", "cuda"):
         return False
     if dtype not in (_FAST_CPU_DTYPES if device_type == "cpu" else (torch.bfloat16,)):
