@@ -26,6 +26,7 @@ accepts on CUDA for int8, bf16 for int4. Other pairs take the dequantize-then-``
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 
@@ -55,16 +56,26 @@ def unpack_nibbles(packed: torch.Tensor, dtype: torch.dtype = torch.uint8) -> to
 # ---------------------------------------------------------------------------------------------------------
 # probes
 # ---------------------------------------------------------------------------------------------------------
-@torch.compiler.assume_constant_result  # traced once: a compiled graph neither reruns nor breaks on the probe
+_DECIDED: dict[tuple[str, str, torch.dtype], bool] = {}  # (kernel, device type, dtype) -> usable
+
+
+def _decided(kernel: str, device_type: str, dtype: torch.dtype, probe: Callable[[str, torch.dtype], bool]) -> bool:
+    """Probe once per (device, dtype), then answer from a plain dict: torch.compile reads that as a constant,
+    where a probe traced inside a compiled graph would break the graph at every quantized layer."""
+    key = (kernel, device_type, dtype)
+    if key not in _DECIDED:
+        _DECIDED[key] = probe(device_type, dtype)
+    return _DECIDED[key]
+
+
 def int8_kernel_usable(device_type: str, dtype: torch.dtype) -> bool:
     """Whether ``torch._weight_int8pack_mm`` exists, is correct and fast for activations of this dtype/device."""
-    return _int8_probe(device_type, dtype)
+    return _decided("int8", device_type, dtype, _int8_probe)
 
 
-@torch.compiler.assume_constant_result
 def int4_kernel_usable(device_type: str, dtype: torch.dtype) -> bool:
     """Whether the int4 tinygemm kernel exists, is correct and fast for activations of this dtype/device."""
-    return _int4_probe(device_type, dtype)
+    return _decided("int4", device_type, dtype, _int4_probe)
 
 
 @functools.cache
