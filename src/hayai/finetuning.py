@@ -167,7 +167,7 @@ def finetune(model: str | None = None, data: str | os.PathLike | None = None, *,
     train_tok = tokenize_records(train_data.records, tokenizer, config.seq_len, config.train_on_prompt)
     loader = DataLoader(train_tok.examples, batch_size=config.batch_size, seq_len=config.seq_len,
                         pad_id=tokenizer.pad_token_id, packing=config.packing, seed=config.seed,
-                        fixed_width=config.method == "longlora")
+                        fixed_width=config.pads_to_seq_len)
     eval_loader = None
     if eval_records:
         eval_tok = tokenize_records(eval_records, tokenizer, config.seq_len, config.train_on_prompt)

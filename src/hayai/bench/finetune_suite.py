@@ -157,7 +157,7 @@ def measure_finetune(technique: FinetuneTechnique, settings: FinetuneSettings,
         examples = tokenize_records(read_jsonl(path).records, tokenizer, config.seq_len).examples
         return DataLoader(examples, batch_size=config.batch_size, seq_len=config.seq_len, pad_id=pad,
                           packing=config.packing, seed=config.seed, shuffle=shuffle,
-                          fixed_width=config.method == "longlora")
+                          fixed_width=config.pads_to_seq_len)
 
     clock = _StepClock(report)
     trainer = Trainer(net, loader(settings.train_file, True), build_update_rule(rule, net, config),

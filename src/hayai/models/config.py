@@ -104,6 +104,11 @@ class ModelConfig:
         return SUPPORTED_ARCHITECTURES[self.architecture][0]
 
     @property
+    def trained_window(self) -> int:
+        """The window the weights were trained on, before any RoPE scaling."""
+        return self.rope_scaling.original_max_position_embeddings or self.max_position_embeddings
+
+    @property
     def context_window(self) -> int:
         """Positions the model may attend over: max_position_embeddings, times the factor under dynamic NTK
         scaling, which (as in transformers) keeps max_position_embeddings at the window the weights were trained

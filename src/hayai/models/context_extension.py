@@ -23,11 +23,6 @@ from hayai.models.rope import RotaryEmbedding
 METHODS = ("linear", "dynamic")
 
 
-def trained_context(config: ModelConfig) -> int:
-    """The window the weights were trained on (before any RoPE scaling)."""
-    return config.rope_scaling.original_max_position_embeddings or config.max_position_embeddings
-
-
 def extended_config(config: ModelConfig, context: int, method: str = "linear") -> ModelConfig:
     """`config` with a `context`-token window: RoPE scaled by context / trained window. A window the model already
     has needs no scaling and returns `config` unchanged."""
@@ -39,7 +34,7 @@ def extended_config(config: ModelConfig, context: int, method: str = "linear") -
     if scaling.rope_type not in ("default", *METHODS):
         raise ConfigError(f"the model already uses {scaling.rope_type} RoPE scaling; hayai extends only unscaled, "
                           "linear or dynamic RoPE")
-    original = trained_context(config)
+    original = config.trained_window
     if context <= original:
         return config
     factor = context / original

@@ -48,9 +48,7 @@ class RotaryEmbedding(nn.Module):
         self.dim = config.head_dim
         self.base = config.rope_theta
         self.scaling = config.rope_scaling
-        self.original_max_position = (
-            self.scaling.original_max_position_embeddings or config.max_position_embeddings
-        )
+        self.original_max_position = config.trained_window
         # Created on CPU explicitly so that building the model under torch.device("meta") keeps real frequencies.
         inv_freq = default_inv_freq(self.base, self.dim, device="cpu")
         if self.scaling.rope_type == "linear":

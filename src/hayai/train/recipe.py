@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -41,6 +41,9 @@ from hayai.train.memory import (
 )
 from hayai.train.optim import OptimizerUpdate, UpdateRule
 from hayai.train.trainer import Trainer, trainable_parameters
+
+if TYPE_CHECKING:
+    from hayai.attention import ShiftedSparseAttention
 
 METHODS = ("lora", "longlora", "qlora", "ia3", "full", "lomo", "adalomo")
 ADAPTER_METHODS = ("lora", "longlora", "qlora", "ia3")
@@ -105,13 +108,13 @@ class FinetuneConfig:
             self.trainable = "embed,norm"
         if self.trainable and self.method not in ("lora", "longlora", "qlora"):
             raise ConfigError(f"trainable applies to LoRA methods, not {self.method}")
-        if not 0 < self.s2_group_ratio <= 1:
-            raise ConfigError(f"s2_group_ratio must be in (0, 1], got {self.s2_group_ratio}")
-        group = int(self.seq_len * self.s2_group_ratio)
-        if self.method == "longlora" and (group < 2 or self.seq_len % group or (group < self.seq_len and group % 2)):
-            raise ConfigError(f"longlora: the S²-Attn group ({self.s2_group_ratio} x seq_len {self.seq_len} = "
-                              f"{group} tokens) must be even and divide seq_len; use a seq_len that is a multiple "
-                              "of 8 with the default ratio 1/4")
+        if self.method == "longlora":
+            try:
+                self.s2_attention().group_size_for(self.seq_len)
+            except ConfigError as exc:
+                raise ConfigError(f"longlora: seq_len {self.seq_len} does not split into S²-Attn groups ({exc}); the "
+                                  "group must be even and divide seq_len: use a multiple of 8 with the default "
+                                  "ratio 1/4") from None
         for name in ("seq_len", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -120,6 +123,17 @@ class FinetuneConfig:
         if self.method in ("lomo", "adalomo") and self.grad_accum > 1:
             raise ConfigError(f"{self.method} updates inside backward and cannot accumulate gradients; use "
                               "grad_accum 1 and a larger batch size")
+
+    def s2_attention(self) -> ShiftedSparseAttention:
+        """The S²-Attn kernel longlora trains with (`hayai.attention.ShiftedSparseAttention`)."""
+        from hayai.attention import ShiftedSparseAttention
+
+        return ShiftedSparseAttention(group_size_ratio=self.s2_group_ratio)
+
+    @property
+    def pads_to_seq_len(self) -> bool:
+        """Every batch padded to `seq_len`: S²-Attn needs whole groups, which a shorter batch may not have."""
+        return self.method == "longlora"
 
     @property
     def learning_rate(self) -> float:
@@ -177,9 +191,9 @@ def prepare_model(model: nn.Module, config: FinetuneConfig, autocast_dtype: torc
         apply_lora(model, target_modules=config.target_modules, r=config.lora_r, alpha=config.lora_alpha,
                    dropout=config.lora_dropout, use_rslora=config.use_rslora, trainable=config.trainable)
         if method == "longlora":
-            from hayai.attention import ShiftedSparseAttention, set_attention_kernel
+            from hayai.attention import set_attention_kernel
 
-            set_attention_kernel(model, ShiftedSparseAttention(group_size_ratio=config.s2_group_ratio))
+            set_attention_kernel(model, config.s2_attention())
         return "adamw"
     if method == "ia3":
         apply_ia3(model)
